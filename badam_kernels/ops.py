@@ -1,0 +1,380 @@
+"""The public ops: `fused_adamw_` and `grad_norm`, their torch.library registrations and the
+choice of backend.
+
+Backends, each a separate torch.library op with the same signature:
+  "cpu"    badam_kernels::fused_adamw_ (C++ extension, CPU key)
+  "cuda"   badam_kernels::fused_adamw_ (C++/CUDA extension, CUDA key)
+  "triton" badam_kernels::fused_adamw_triton_ (Triton; CPU tensors need TRITON_INTERPRET=1)
+  "torch"  badam_kernels::fused_adamw_torch_ (reference.py in fp32; any device)
+The compiled extension is optional: without it the "torch" and "triton" backends still work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from badam_kernels import reference
+
+log = logging.getLogger("badam_kernels")
+
+try:
+    from badam_kernels import _C  # noqa: F401  (registers the C++ ops on import)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # a pure-Python install: torch and triton backends only
+    EXTENSION_ERROR = str(exc)
+    log.info("badam_kernels: compiled extension not available (%s)", exc)
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+MASTER_MODES = ("none", "fp32", "remainder")
+PARAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_BUILD_HINT = (
+    "build the extension with `pip install --no-build-isolation -e .` "
+    "(CUDA kernels need a CUDA build of torch and nvcc on the PATH)"
+)
+
+
+def _has_cpp_kernel(op: str, key: str) -> bool:
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"badam_kernels::{op}", key)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors only under its interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on tensors of `device`, fastest first (the "auto" order)."""
+    device = torch.device(device)
+    found = []
+    if device.type == "cuda" and _has_cpp_kernel("fused_adamw_", "CUDA"):
+        found.append("cuda")
+    if device.type == "cpu" and _has_cpp_kernel("fused_adamw_", "CPU"):
+        found.append("cpu")
+    if triton_usable(device):
+        found.append("triton")
+    found.append("torch")
+    return found
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to a concrete backend for `device`; fail clearly if one asked for is missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    usable = available_backends(device)
+    if backend == "auto":
+        # The triton interpreter is a correctness tool, far slower than the reference on CPU.
+        return next(b for b in usable if not (b == "triton" and device.type == "cpu"))
+    if backend in usable:
+        return backend
+    if backend in ("cpu", "cuda"):
+        if backend != device.type:
+            raise ValueError(f"backend {backend!r} cannot run tensors on {device}")
+        why = EXTENSION_ERROR or f"the extension was built without {backend.upper()} kernels"
+        raise RuntimeError(f"backend {backend!r} is not available ({why}); {_BUILD_HINT}")
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("backend 'triton' needs the triton package: `pip install triton`")
+    raise RuntimeError(
+        f"backend 'triton' cannot run tensors on {device}: CPU tensors need TRITON_INTERPRET=1 "
+        "set before triton is imported"
+    )
+
+
+# ---- validation -------------------------------------------------------------------------
+
+
+def _check_scalar(name: str, value, low: float, high: float, *, high_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or value < low or above:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+def _check_flag_tensor(name: str, t, device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a 0-dim fp32 tensor or None, got {type(t).__name__}")
+    if t.numel() != 1 or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be a 0-dim fp32 tensor, got shape {tuple(t.shape)} dtype {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the params are on {device}")
+
+
+def _check_list(name: str, tensors, n: int) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
+    if len(tensors) != n:
+        raise ValueError(f"{name} has {len(tensors)} tensors but params has {n}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    return list(tensors)
+
+
+def _check_tensor(name: str, i: int, t: torch.Tensor, numel: int, device: torch.device, dtypes) -> None:
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {' or '.join(map(str, dtypes))}")
+    if t.numel() != numel:
+        raise ValueError(f"{name}[{i}] has {t.numel()} elements but params[{i}] has {numel}")
+    if t.device != device:
+        raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}[{i}] is not contiguous; pass tensor.contiguous()")
+
+
+def validate_adamw_args(
+    params, grads, exp_avgs, exp_avg_sqs, masters, *, lr, beta1, beta2, eps, weight_decay, step,
+    master_weights, stochastic_rounding, seed, grad_mul, found_inf,
+):  # fmt: skip
+    """Raise a ValueError/TypeError naming the offending argument and index; return the lists."""
+    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
+    n = len(params)
+    params = _check_list("params", params, n)
+    grads = _check_list("grads", grads, n)
+    exp_avgs = _check_list("exp_avgs", exp_avgs, n)
+    exp_avg_sqs = _check_list("exp_avg_sqs", exp_avg_sqs, n)
+    if master_weights not in MASTER_MODES:
+        raise ValueError(f"master_weights must be one of {MASTER_MODES}, got {master_weights!r}")
+    if master_weights == "none":
+        if masters:
+            raise ValueError("masters were given but master_weights='none'")
+        masters = []
+    else:
+        if masters is None:
+            raise ValueError(f"master_weights={master_weights!r} needs masters (one per param)")
+        masters = _check_list("masters", masters, n)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the first step is 1), got {step}")
+    _check_scalar("lr", lr, 0.0, math.inf)
+    _check_scalar("beta1", beta1, 0.0, 1.0)
+    _check_scalar("beta2", beta2, 0.0, 1.0)
+    _check_scalar("eps", eps, 0.0, math.inf)
+    _check_scalar("weight_decay", weight_decay, 0.0, math.inf)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not isinstance(stochastic_rounding, bool):
+        raise TypeError(f"stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}")
+    if n == 0:
+        return params, grads, exp_avgs, exp_avg_sqs, masters
+    device = params[0].device
+    master_dtype = {"fp32": (torch.float32,), "remainder": (torch.int16,)}.get(master_weights)
+    for i, p in enumerate(params):
+        _check_tensor("params", i, p, p.numel(), device, PARAM_DTYPES)
+        _check_tensor("grads", i, grads[i], p.numel(), device, PARAM_DTYPES)
+        _check_tensor("exp_avgs", i, exp_avgs[i], p.numel(), device, (torch.float32,))
+        _check_tensor("exp_avg_sqs", i, exp_avg_sqs[i], p.numel(), device, (torch.float32,))
+        if master_weights == "remainder" and p.dtype != torch.bfloat16:
+            raise TypeError(f"master_weights='remainder' needs bf16 params, params[{i}] is {p.dtype}")
+        if master_weights == "fp32" and p.dtype == torch.float32:
+            raise TypeError(
+                f"params[{i}] is fp32 and is its own master; use master_weights='none' for fp32 params"
+            )
+        if stochastic_rounding and p.dtype != torch.bfloat16:
+            raise TypeError(f"stochastic_rounding needs bf16 params, params[{i}] is {p.dtype}")
+        if master_dtype is not None:
+            _check_tensor("masters", i, masters[i], p.numel(), device, master_dtype)
+    if stochastic_rounding and master_weights != "none":
+        raise ValueError("stochastic_rounding applies only to master_weights='none'")
+    _check_flag_tensor("grad_mul", grad_mul, device)
+    _check_flag_tensor("found_inf", found_inf, device)
+    return params, grads, exp_avgs, exp_avg_sqs, masters
+
+
+# ---- the "torch" and "triton" backends as torch.library ops ------------------------------
+
+
+@torch.library.custom_op("badam_kernels::fused_adamw_torch_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters"))
+def _fused_adamw_torch(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor], lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, step: int, master_weights: str,
+    stochastic_rounding: bool, seed: int, grad_mul: torch.Tensor | None, found_inf: torch.Tensor | None,
+) -> None:  # fmt: skip
+    outs = reference.fused_adamw_reference(
+        params, grads, exp_avgs, exp_avg_sqs, masters, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, step=step, master_weights=master_weights,
+        stochastic_rounding=stochastic_rounding, seed=seed, grad_mul=grad_mul, found_inf=found_inf,
+    )  # fmt: skip
+    for dst_list, src_list in zip((params, exp_avgs, exp_avg_sqs, masters), outs):
+        for dst, src in zip(dst_list, src_list):
+            dst.copy_(src)
+
+
+def _triton_op(name: str, mutates_args):
+    """torch.library.triton_op where torch has it (>= 2.6), else a plain custom_op."""
+    if hasattr(torch.library, "triton_op"):
+        return torch.library.triton_op(name, mutates_args=mutates_args)
+    return torch.library.custom_op(name, mutates_args=mutates_args)
+
+
+@_triton_op("badam_kernels::fused_adamw_triton_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters"))
+def _fused_adamw_triton(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor], lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, step: int, master_weights: str,
+    stochastic_rounding: bool, seed: int, grad_mul: torch.Tensor | None, found_inf: torch.Tensor | None,
+) -> None:  # fmt: skip
+    from badam_kernels.triton_ops import fused_adamw_triton
+
+    fused_adamw_triton(
+        params, grads, exp_avgs, exp_avg_sqs, masters, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, step=step, master_weights=master_weights,
+        stochastic_rounding=stochastic_rounding, seed=seed, grad_mul=grad_mul, found_inf=found_inf,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("badam_kernels::grad_norm_torch", mutates_args=())
+def _grad_norm_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return reference.grad_norm_reference(tensors)
+
+
+@_triton_op("badam_kernels::grad_norm_triton", mutates_args=())
+def _grad_norm_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
+    from badam_kernels.triton_ops import grad_norm_triton
+
+    return grad_norm_triton(tensors)
+
+
+def _grad_norm_fake(tensors):
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
+for _name in ("grad_norm_torch", "grad_norm_triton"):
+    torch.library.register_fake(f"badam_kernels::{_name}")(_grad_norm_fake)
+if EXTENSION_ERROR is None:
+    torch.library.register_fake("badam_kernels::grad_norm")(_grad_norm_fake)
+
+    @torch.library.register_fake("badam_kernels::fused_adamw_")
+    def _fused_adamw_fake(*args, **kwargs) -> None:
+        return None
+
+
+@_fused_adamw_torch.register_fake
+def _fused_adamw_torch_fake(*args, **kwargs) -> None:
+    return None
+
+
+if hasattr(_fused_adamw_triton, "register_fake"):
+    _fused_adamw_triton.register_fake(_fused_adamw_torch_fake)
+
+_FUSED_ADAMW_OPS = {
+    "cpu": lambda: torch.ops.badam_kernels.fused_adamw_,
+    "cuda": lambda: torch.ops.badam_kernels.fused_adamw_,
+    "triton": lambda: torch.ops.badam_kernels.fused_adamw_triton_,
+    "torch": lambda: torch.ops.badam_kernels.fused_adamw_torch_,
+}
+_GRAD_NORM_OPS = {
+    "cpu": lambda: torch.ops.badam_kernels.grad_norm,
+    "cuda": lambda: torch.ops.badam_kernels.grad_norm,
+    "triton": lambda: torch.ops.badam_kernels.grad_norm_triton,
+    "torch": lambda: torch.ops.badam_kernels.grad_norm_torch,
+}
+
+
+# ---- public API --------------------------------------------------------------------------
+
+
+def fused_adamw_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    step: int,
+    master_weights: str = "none",
+    masters: Sequence[torch.Tensor] | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    grad_mul: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One AdamW step (torch.optim.AdamW semantics, amsgrad off) over a list of tensors, in place.
+
+    Args:
+        params: (n_i,) bf16/fp16/fp32 tensors of any shape, contiguous; updated in place.
+        grads: same numel as params; bf16, fp16 or fp32.
+        exp_avgs, exp_avg_sqs: fp32, same numel; updated in place.
+        lr, beta1, beta2, eps, weight_decay: AdamW hyperparameters (decoupled weight decay).
+        step: the step number of this update, >= 1 (drives bias correction).
+        master_weights: "none" (the param is the weight), "fp32" (fp32 `masters` hold the weight,
+            params get its round-to-nearest-even copy) or "remainder" (bf16 params only: int16
+            `masters` hold the low 16 bits, so param + remainder is the exact fp32 weight).
+        masters: one tensor per param for "fp32" (fp32) or "remainder" (int16, zeros for a new
+            block); None for "none".
+        stochastic_rounding: with master_weights="none" and bf16 params, round the result to
+            one of its two bf16 neighbours, unbiased, deterministic in (seed, step, index).
+        grad_mul: optional 0-dim fp32 tensor on the params' device multiplying every gradient
+            (loss-scale unscaling, clipping), read on the device.
+        found_inf: optional 0-dim fp32 tensor; if non-zero nothing is written (GradScaler skip),
+            decided on the device without a host sync.
+        backend: "auto", "cuda", "triton", "cpu" or "torch".
+
+    Example:
+        >>> p = torch.randn(10, dtype=torch.bfloat16); g = torch.randn(10, dtype=torch.bfloat16)
+        >>> m, v, r = torch.zeros(10), torch.zeros(10), torch.zeros(10, dtype=torch.int16)
+        >>> fused_adamw_([p], [g], [m], [v], lr=1e-3, step=1, master_weights="remainder", masters=[r])
+    """
+    params, grads, exp_avgs, exp_avg_sqs, masters = validate_adamw_args(
+        params, grads, exp_avgs, exp_avg_sqs, masters, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, step=step, master_weights=master_weights,
+        stochastic_rounding=stochastic_rounding, seed=seed, grad_mul=grad_mul, found_inf=found_inf,
+    )  # fmt: skip
+    if not params:
+        resolve_backend(backend, torch.device("cpu"))  # still reject an unknown backend name
+        return
+    op = _FUSED_ADAMW_OPS[resolve_backend(backend, params[0].device)]()
+    with torch.no_grad():
+        op(
+            params, grads, exp_avgs, exp_avg_sqs, masters, float(lr), float(beta1), float(beta2),
+            float(eps), float(weight_decay), step, master_weights, stochastic_rounding, seed,
+            grad_mul, found_inf,
+        )  # fmt: skip
+
+
+def grad_norm(tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> torch.Tensor:
+    """L2 norm over every element of every tensor, as a 0-dim fp32 tensor on their device.
+
+    Computed on the device without a host sync, so clipping can use
+    `grad_mul = (max_norm / (norm + 1e-6)).clamp(max=1)`.
+    """
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"tensors must be a list of tensors, got {type(tensors).__name__}")
+    if len(tensors) == 0:
+        raise ValueError("grad_norm needs at least one tensor")
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] must be a tensor, got {type(t).__name__}")
+        if t.dtype not in PARAM_DTYPES:
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}, expected bf16, fp16 or fp32")
+        if t.device != device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"tensors[{i}] is not contiguous; pass tensor.contiguous()")
+    op = _GRAD_NORM_OPS[resolve_backend(backend, device)]()
+    with torch.no_grad():
+        return op(list(tensors))

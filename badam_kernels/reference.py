@@ -1,0 +1,201 @@
+"""Pure-torch AdamW math: the oracle for every kernel, and the "torch" backend.
+
+Everything here mirrors csrc/adam_math.h operation for operation. `adamw_reference` computes in
+a chosen dtype (fp32 for the backend, fp64 for tests); the bit-level helpers (remainder
+encoding, stochastic rounding, the hash) use integer tensor ops so they give the exact bits the
+kernels must give.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class AdamScalars:
+    """Per-call constants, computed in double on the host; kernels receive them as fp32."""
+
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    decay: float
+    step_size: float
+    bc2_sqrt: float
+
+    @staticmethod
+    def make(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int):
+        return AdamScalars(
+            beta1=beta1,
+            one_minus_beta1=1.0 - beta1,
+            beta2=beta2,
+            one_minus_beta2=1.0 - beta2,
+            eps=eps,
+            decay=1.0 - lr * weight_decay,
+            step_size=lr / (1.0 - beta1**step),
+            bc2_sqrt=math.sqrt(1.0 - beta2**step),
+        )
+
+    def as_fp32(self) -> AdamScalars:
+        """The same constants rounded to fp32, as the kernels see them."""
+        f = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+        return AdamScalars(*(f(getattr(self, k)) for k in self.__dataclass_fields__))
+
+
+def adamw_math(g, w, m, v, s: AdamScalars):
+    """One AdamW update on whole tensors (any float dtype); returns new (w, m, v)."""
+    w = w * s.decay
+    m = s.beta1 * m + s.one_minus_beta1 * g
+    v = s.beta2 * v + s.one_minus_beta2 * g * g
+    denom = v.sqrt() / s.bc2_sqrt + s.eps
+    w = w - (s.step_size * m) / denom
+    return w, m, v
+
+
+# ---- bit-level helpers (int64 tensor arithmetic, masked to 32 bits) ----
+
+
+def float_to_bits(x: torch.Tensor) -> torch.Tensor:
+    """fp32 tensor -> its bit pattern as non-negative int64."""
+    return x.to(torch.float32).view(torch.int32).to(torch.int64) & MASK32
+
+
+def bits_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """int64 bit patterns (low 32 bits) -> fp32 tensor."""
+    bits = bits & MASK32
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    return signed.to(torch.int32).view(torch.float32)
+
+
+def bf16_to_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def bits_to_bf16(bits: torch.Tensor) -> torch.Tensor:
+    bits = bits & 0xFFFF
+    return torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(torch.bfloat16)
+
+
+def remainder_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """bf16 param + int16 remainder -> the exact fp32 master."""
+    return bits_to_float((bf16_to_bits(param) << 16) + remainder.to(torch.int64))
+
+
+def remainder_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 master -> (nearest bf16 param, ties away from zero; int16 remainder)."""
+    u = float_to_bits(w)
+    lo = u & 0xFFFF
+    param = bits_to_bf16((u >> 16) + (lo >> 15))
+    remainder = torch.where(lo >= 2**15, lo - 2**16, lo).to(torch.int16)
+    return param, remainder
+
+
+def mix32(x):
+    """lowbias32 hash; works on Python ints and on int64 tensors."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def fold_seed(seed: int) -> int:
+    return (seed ^ (seed >> 32)) & MASK32
+
+
+def sr_key(seed: int, step: int, tensor_index: int) -> int:
+    return mix32(fold_seed(seed) ^ mix32((step & MASK32) ^ mix32(tensor_index ^ 0x9E3779B9)))
+
+
+def sr_bits(key: int, numel: int, device) -> torch.Tensor:
+    """16 random bits per element index 0..numel-1 (index taken modulo 2**32)."""
+    index = torch.arange(numel, dtype=torch.int64, device=device) & MASK32
+    return mix32(index ^ key) & 0xFFFF
+
+
+def round_bf16_stochastic(w: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, one of the two neighbours, unbiased; NaN stays NaN."""
+    rounded = bits_to_bf16((float_to_bits(w) + random16) >> 16)
+    return torch.where(w.isnan(), w.to(torch.bfloat16), rounded)
+
+
+# ---- the whole op ----
+
+
+def fused_adamw_reference(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    masters,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    master_weights: str,
+    stochastic_rounding: bool,
+    seed: int,
+    grad_mul: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Compute one step out of place; returns (new_params, new_exp_avgs, new_exp_avg_sqs,
+    new_masters), each a list with the input dtypes. Inputs are not modified.
+
+    `compute_dtype=torch.float64` gives the oracle the tests compare kernels with; fp32 gives
+    the "torch" backend. found_inf is applied with torch.where so no host sync happens.
+    """
+    scalars = AdamScalars.make(lr, beta1, beta2, eps, weight_decay, step)
+    if compute_dtype == torch.float32:
+        scalars = scalars.as_fp32()
+    new_p, new_m, new_v, new_master = [], [], [], []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        g = g.to(compute_dtype)
+        if grad_mul is not None:
+            g = g * grad_mul.to(compute_dtype)
+        if master_weights == "fp32":
+            w = masters[i]
+        elif master_weights == "remainder":
+            w = remainder_decode(p, masters[i])
+        else:
+            w = p
+        w, m2, v2 = adamw_math(g, w.to(compute_dtype), m.to(compute_dtype), v.to(compute_dtype), scalars)
+        w32 = w.to(torch.float32)
+        if master_weights == "fp32":
+            p2, master2 = w32.to(p.dtype), w32
+        elif master_weights == "remainder":
+            p2, master2 = remainder_encode(w32)
+        elif p.dtype == torch.bfloat16 and stochastic_rounding:
+            p2, master2 = round_bf16_stochastic(w32, sr_bits(sr_key(seed, step, i), p.numel(), p.device)), None
+        else:
+            p2, master2 = w.to(p.dtype), None
+        outs = [p2, m2.to(torch.float32), v2.to(torch.float32)] + ([master2] if master2 is not None else [])
+        olds = [p, m, v] + ([masters[i]] if master2 is not None else [])
+        if found_inf is not None:
+            skip = found_inf.reshape(()) != 0
+            outs = [torch.where(skip, old, new.to(old.dtype)) for old, new in zip(olds, outs)]
+        new_p.append(outs[0].to(p.dtype))
+        new_m.append(outs[1])
+        new_v.append(outs[2])
+        if master2 is not None:
+            new_master.append(outs[3].to(masters[i].dtype))
+    return new_p, new_m, new_v, new_master
+
+
+def grad_norm_reference(tensors, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L2 norm over all elements of all tensors, as a 0-dim fp32 tensor."""
+    total = torch.zeros((), dtype=compute_dtype, device=tensors[0].device)
+    for t in tensors:
+        total = total + t.to(compute_dtype).square().sum()
+    return total.sqrt().to(torch.float32)

@@ -1,0 +1,1 @@
+"""Triton kernels for badam_kernels (installed as badam_kernels.triton_ops)."""
