@@ -218,14 +218,9 @@ def _fused_adamw_torch(
             dst.copy_(src)
 
 
-def _triton_op(name: str, mutates_args):
-    """torch.library.triton_op where torch has it (>= 2.6), else a plain custom_op."""
-    if hasattr(torch.library, "triton_op"):
-        return torch.library.triton_op(name, mutates_args=mutates_args)
-    return torch.library.custom_op(name, mutates_args=mutates_args)
-
-
-@_triton_op("badam_kernels::fused_adamw_triton_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters"))
+# The Triton launchers build int64 tables of data_ptr()s, which fake tensors cannot trace, so
+# these are opaque custom ops (not torch.library.triton_op): torch.compile sees one op.
+@torch.library.custom_op("badam_kernels::fused_adamw_triton_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters"))
 def _fused_adamw_triton(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor], lr: float, beta1: float,
@@ -246,7 +241,7 @@ def _grad_norm_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
     return reference.grad_norm_reference(tensors)
 
 
-@_triton_op("badam_kernels::grad_norm_triton", mutates_args=())
+@torch.library.custom_op("badam_kernels::grad_norm_triton", mutates_args=())
 def _grad_norm_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
     from badam_kernels.triton_ops import grad_norm_triton
 
@@ -272,8 +267,7 @@ def _fused_adamw_torch_fake(*args, **kwargs) -> None:
     return None
 
 
-if hasattr(_fused_adamw_triton, "register_fake"):
-    _fused_adamw_triton.register_fake(_fused_adamw_torch_fake)
+_fused_adamw_triton.register_fake(_fused_adamw_torch_fake)
 
 _FUSED_ADAMW_OPS = {
     "cpu": lambda: torch.ops.badam_kernels.fused_adamw_,
