@@ -21,7 +21,8 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 extra_compile_args = {"cxx": [*opt, "-std=c++17", "-fopenmp"]}
 if use_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    extra_compile_args["nvcc"] = [*opt, "-std=c++17", "-lineinfo", "--use_fast_math"]
+    # -fmad=false: no FMA contraction, so the CUDA kernels stay bit-exact to adam_math.h.
+    extra_compile_args["nvcc"] = [*opt, "-std=c++17", "-lineinfo", "-fmad=false"]
 Extension = CUDAExtension if use_cuda else CppExtension
 
 setup(

@@ -123,7 +123,7 @@ def sr_bits(key: int, numel: int, device) -> torch.Tensor:
 
 def round_bf16_stochastic(w: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16, one of the two neighbours, unbiased; NaN stays NaN."""
-    rounded = bits_to_bf16((float_to_bits(w) + random16) >> 16)
+    rounded = bits_to_bf16((float_to_bits(w) + random16.view(w.shape)) >> 16)
     return torch.where(w.isnan(), w.to(torch.bfloat16), rounded)
 
 

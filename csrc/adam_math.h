@@ -5,6 +5,7 @@
 // no torch headers so that pure-CUDA translation units can use it.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
