@@ -1,0 +1,636 @@
+"""BlockAdamW, the block-coordinate AdamW optimizer, and BlockOptimizer, its drop-in twin with
+badam's signature.
+
+Only one block (typically one transformer layer) trains at a time. Inactive blocks have
+requires_grad off, so autograd never allocates their gradients; the active block's Adam state
+(fp32 exp_avg and exp_avg_sq, plus an fp32 master or an int16 remainder) exists only while it
+is active; every step is one `fused_adamw_` call per (param group, device, dtype).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from badam_kernels.ops import BACKENDS, fused_adamw_, grad_norm
+from badam_kernels.partition import (
+    assign_blocks,
+    contains,
+    infer_blocks,
+    infer_blocks_like_badam,
+    named_parameters_of,
+    no_decay_names,
+    startswith,
+)
+from badam_kernels.schedule import BlockSchedule
+
+log = logging.getLogger("badam_kernels")
+
+MASTER_WEIGHTS = ("auto", "remainder", "fp32", "none")
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm
+NO_GRAD_MESSAGE = (
+    "step() found no gradient on any parameter of the active block ({names}). Likely causes: "
+    "loss.backward() was not called before step(); or gradient checkpointing with reentrant "
+    "checkpoints whose inputs do not require grad (the embedding is frozen), so no gradient reaches "
+    "the layers: call model.enable_input_require_grads() or use use_reentrant=False."
+)
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    def check(name, value, high=math.inf):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if math.isnan(value) or not 0.0 <= value < high:
+            raise ValueError(f"{name} must be in [0, {high}), got {value}")
+
+    check("lr", lr)
+    if not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check("betas[0]", betas[0], 1.0)
+    check("betas[1]", betas[1], 1.0)
+    check("eps", eps)
+    check("weight_decay", weight_decay)
+
+
+def _master_modes(master_weights: str, stochastic_rounding: bool, dtypes: set[torch.dtype]) -> dict:
+    """The master mode for each parameter dtype; fp32 parameters are their own master."""
+    if master_weights not in MASTER_WEIGHTS:
+        raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {master_weights!r}")
+    if stochastic_rounding and master_weights != "none":
+        raise ValueError("stochastic_rounding=True needs master_weights='none' (masters are exact already)")
+    modes = {}
+    for dtype in dtypes:
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"parameters must be bf16, fp16 or fp32, found {dtype}")
+        if dtype == torch.float32:
+            modes[dtype] = "none"
+        elif master_weights == "auto":
+            modes[dtype] = "remainder" if dtype == torch.bfloat16 else "fp32"
+        elif master_weights == "remainder" and dtype != torch.bfloat16:
+            raise ValueError(f"master_weights='remainder' needs bf16 parameters, found {dtype}; use 'fp32'")
+        elif stochastic_rounding and dtype != torch.bfloat16:
+            raise ValueError(f"stochastic_rounding needs bf16 parameters, found {dtype}")
+        else:
+            modes[dtype] = master_weights
+    return modes
+
+
+def _mix_seed(seed: int, global_step: int, call_index: int) -> int:
+    """A distinct stochastic-rounding seed per (step, fused call): per-block step counts
+    restart at 1, so the kernel's own (seed, step) pair would repeat its noise."""
+    return (seed + 0x9E3779B97F4A7C15 * (global_step + 1) + 0xBF58476D1CE4E5B9 * call_index) % 2**63
+
+
+def _flat(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """1-D views of contiguous tensors: the kernels' in-place writes land in the originals."""
+    return [t.view(-1) for t in tensors]
+
+
+class BlockAdamW(Optimizer):
+    """Block-coordinate AdamW (BAdam) with fused kernels: one block trains at a time.
+
+    Args:
+        model_or_named_params: an nn.Module, or (name, parameter) pairs.
+        lr, betas, eps, weight_decay: AdamW hyperparameters (decoupled decay; biases and norm
+            weights get none). Read from `param_groups` at every step, so LR schedulers work.
+        switch_every: steps each block stays active.
+        switch_mode: "random" (a new permutation each pass, from `seed`, independent of torch's
+            global RNG), "ascending", "descending" or "fixed".
+        blocks: lists of name prefixes, one list per block; default one block per transformer
+            layer (Llama, GPT-2, BERT, T5 naming).
+        include_embedding, include_lm_head: add the embedding / the head (lm_head, final norm)
+            as blocks of their own when blocks are inferred.
+        always_active: name prefixes trained at every step, outside the blocks.
+        start_block: index of the first block.
+        master_weights: "auto" ("remainder" for bf16, "fp32" for fp16), "remainder", "fp32" or
+            "none" (update the low-precision weight directly; see stochastic_rounding).
+        stochastic_rounding: with master_weights="none", round bf16 results stochastically.
+        max_grad_norm: clip the active gradients to this total L2 norm (no host sync).
+        backend: kernel backend for `fused_adamw_` ("auto", "cuda", "triton", "cpu", "torch").
+        seed: seeds the random block order and stochastic rounding.
+        verbose: 0 silent; 1 logs each switch; 2 also lists the active parameter names.
+
+    A newly active block starts with fresh Adam state (step 1), like badam. With a GradScaler
+    a skipped (inf) step writes nothing but still counts towards the schedule and Adam's step,
+    because skipping is decided on the device without a host sync.
+
+    Example:
+        >>> model = transformers.AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
+        >>> opt = BlockAdamW(model, lr=1e-5, switch_every=50, switch_mode="random")
+        >>> for batch in loader:
+        ...     model(**batch).loss.backward()
+        ...     opt.step()  # gradients of the active block are released here
+    """
+
+    # torch.amp.GradScaler then sets `grad_scale` and `found_inf` on the optimizer instead of
+    # unscaling and syncing on the host; step() hands both to the kernel.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]],
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        switch_every: int = 50,
+        switch_mode: str = "random",
+        blocks: Sequence[Sequence[str]] | None = None,
+        include_embedding: bool = False,
+        include_lm_head: bool = False,
+        always_active: Sequence[str] = (),
+        start_block: int | None = None,
+        master_weights: str = "auto",
+        stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+        seed: int = 0,
+        verbose: int = 1,
+        update_in_backward: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        if update_in_backward:
+            raise NotImplementedError("update_in_backward=True is not implemented yet")
+        if process_group is not None:
+            raise NotImplementedError("process_group (multi-GPU) is not implemented yet")
+        model, named = named_parameters_of(model_or_named_params)
+        names = [name for name, _ in named]
+        if blocks is None:
+            blocks = infer_blocks(names, include_embedding, include_lm_head)
+        block_members, always_members = assign_blocks(names, blocks, always_active, match=startswith)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        generator = torch.Generator().manual_seed(seed)
+        schedule = BlockSchedule(len(block_members), switch_every, switch_mode, start_block, generator)
+        self._setup(
+            named,
+            block_members,
+            always_members,
+            no_decay_names(model, names),
+            schedule,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            no_decay_weight_decay=0.0,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            max_grad_norm=max_grad_norm,
+            backend=backend,
+            seed=seed,
+            verbose=verbose,
+            log_fn=None,
+            reset_always_active=False,
+        )
+
+    # ---- construction -------------------------------------------------------------------
+
+    def _setup(
+        self,
+        named,
+        block_members,
+        always_members,
+        no_decay,
+        schedule,
+        *,
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        no_decay_weight_decay,
+        master_weights,
+        stochastic_rounding,
+        max_grad_norm,
+        backend,
+        seed,
+        verbose,
+        log_fn,
+        reset_always_active,
+        extra_defaults=None,
+    ) -> None:
+        """Shared by both classes: validate, build the two param groups, activate the first block."""
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        trainable = sorted({i for block in block_members for i in block} | set(always_members))
+        for i in trainable:
+            name, p = named[i]
+            if not p.is_leaf:
+                raise ValueError(f"parameter {name!r} is not a leaf tensor")
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"parameter {name!r} is not contiguous; the fused kernels need contiguous weights"
+                )
+        self._names = {named[i][1]: named[i][0] for i in trainable}
+        self._master_modes = _master_modes(
+            master_weights, stochastic_rounding, {named[i][1].dtype for i in trainable}
+        )
+        fp32_names = [named[i][0] for i in trainable if named[i][1].dtype == torch.float32]
+        if fp32_names:
+            warnings.warn(
+                f"{len(fp32_names)} trainable parameters are fp32 (e.g. {fp32_names[0]!r}); BAdam saves "
+                "memory with bf16/fp16 weights: load the model in bf16 (torch_dtype=torch.bfloat16).",
+                stacklevel=3,
+            )
+        self._blocks = [[named[i][1] for i in block] for block in block_members]
+        self._always_active = [named[i][1] for i in always_members]
+        self._schedule = schedule
+        self._stochastic_rounding = stochastic_rounding
+        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._backend = backend
+        self._seed = seed
+        self._reset_always_active = reset_always_active
+        self.verbose = verbose
+        self._log_fn = log_fn or log.info
+        decay = [named[i][1] for i in trainable if named[i][0] not in no_decay]
+        undecayed = [named[i][1] for i in trainable if named[i][0] in no_decay]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": undecayed, "weight_decay": no_decay_weight_decay},
+        ]
+        defaults = {
+            **(extra_defaults or {}),
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+        }
+        self._constructing = True
+        super().__init__([g for g in groups if g["params"]], defaults)
+        self._constructing = False
+        for _, p in named:
+            if p not in self._names:  # neither in a block nor always active: frozen, as in badam
+                p.requires_grad_(False)
+                p.grad = None
+        self._activate(self._schedule.current, first=True)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: blocks are fixed when the optimizer is built."""
+        if not getattr(self, "_constructing", False):
+            raise RuntimeError(
+                f"{type(self).__name__} does not support add_param_group: its blocks are fixed at "
+                "construction; build a new optimizer over all the parameters instead"
+            )
+        super().add_param_group(param_group)
+
+    # ---- blocks -------------------------------------------------------------------------
+
+    @property
+    def active_block(self) -> int:
+        """Index of the block trained at the next step."""
+        return self._schedule.current
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    def active_parameter_names(self) -> list[str]:
+        """Names of the parameters trained at the next step (the block plus always_active)."""
+        return [self._names[p] for p in self._active_params()]
+
+    def _active_params(self) -> list[torch.Tensor]:
+        return self._blocks[self._schedule.current] + self._always_active
+
+    def _activate(self, block: int, first: bool = False) -> None:
+        """Make `block` the trainable one; free everything held for the others."""
+        active = set(self._blocks[block])
+        for params in self._blocks:
+            for p in params:
+                p.requires_grad_(p in active)
+                p.grad = None
+                self._release(p)
+        for p in self._always_active:
+            p.requires_grad_(True)
+            if self._reset_always_active and not first:
+                self._release(p)
+        if self.verbose >= 1:
+            self._log_fn(f"BAdam: training block {block} of {len(self._blocks)}")
+        if self.verbose >= 2:
+            self._log_fn("BAdam: trainable parameters: " + ", ".join(self.active_parameter_names()))
+
+    def _release(self, p: torch.Tensor) -> None:
+        self.state.pop(p, None)
+
+    # ---- the step -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step on the active block, then release its gradients; switch blocks when due."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = self._active_params()
+        with_grad = [p for p in active if p.grad is not None]
+        if not with_grad:
+            shown = ", ".join(self._names[p] for p in active[:3]) + (", ..." if len(active) > 3 else "")
+            raise RuntimeError(NO_GRAD_MESSAGE.format(names=shown))
+        self._update(with_grad)
+        for p in active:
+            p.grad = None
+        if self._schedule.step():
+            self._activate(self._schedule.current)
+        return loss
+
+    def _grad_multiplier(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(grad_mul, found_inf) as device tensors: GradScaler's unscale times the clip factor."""
+        grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step
+        found_inf = getattr(self, "found_inf", None)
+        device = grads[0].device
+        inv_scale = None
+        if grad_scale is not None:
+            inv_scale = torch.as_tensor(grad_scale, device=device).double().reciprocal().float().reshape(())
+        if self._max_grad_norm is None:
+            return inv_scale, found_inf
+        by_device = defaultdict(list)
+        for g in grads:
+            by_device[g.device].append(g)
+        squares = [grad_norm(gs, backend=self._backend).to(device).square() for gs in by_device.values()]
+        norm = torch.stack(squares).sum().sqrt()
+        if inv_scale is not None:
+            norm = norm * inv_scale
+        grad_mul = (self._max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+        return (grad_mul if inv_scale is None else grad_mul * inv_scale), found_inf
+
+    def _state_of(self, p: torch.Tensor) -> dict[str, Any]:
+        """The Adam state of `p`, allocated at its block's first step."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            mode = self._master_modes[p.dtype]
+            if mode == "fp32":
+                state["master"] = p.detach().to(torch.float32, copy=True)
+            elif mode == "remainder":  # remainder 0: the master starts at the bf16 value, as in badam
+                state["remainder"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+        return state
+
+    def _update(self, params: list[torch.Tensor]) -> None:
+        """One fused call per (param group, device, dtype, Adam step) over the params with grads."""
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        grad_of = dict(zip(params, grads))
+        grad_mul, found_inf = self._grad_multiplier(grads)
+        calls: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p in grad_of:
+                    state = self._state_of(p)
+                    state["step"] += 1
+                    calls[(group_index, p.device, p.dtype, state["step"])].append(p)
+        for call_index, ((group_index, device, dtype, step), ps) in enumerate(calls.items()):
+            group = self.param_groups[group_index]
+            mode = self._master_modes[dtype]
+            states = [self.state[p] for p in ps]
+            master_key = {"fp32": "master", "remainder": "remainder"}.get(mode)
+            fused_adamw_(
+                _flat(ps),
+                _flat(grad_of[p] for p in ps),
+                _flat(s["exp_avg"] for s in states),
+                _flat(s["exp_avg_sq"] for s in states),
+                lr=float(group["lr"]),
+                beta1=float(group["betas"][0]),
+                beta2=float(group["betas"][1]),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                step=step,
+                master_weights=mode,
+                masters=None if master_key is None else _flat(s[master_key] for s in states),
+                stochastic_rounding=self._stochastic_rounding and dtype == torch.bfloat16,
+                seed=_mix_seed(self._seed, self._schedule.global_step, call_index),
+                grad_mul=None if grad_mul is None else grad_mul.to(device),
+                found_inf=None if found_inf is None else found_inf.to(device).float().reshape(()),
+                backend=self._backend,
+            )
+
+    # ---- checkpoints and introspection ----------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict plus the block schedule under "block_schedule"."""
+        state_dict = super().state_dict()
+        state_dict["block_schedule"] = self._schedule.state_dict()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore Adam state, masters, hyperparameters and the schedule, keeping the fp32/int16
+        state dtypes (torch's loader would cast them to the parameter dtype)."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                "the saved state dict has param groups of sizes "
+                f"{[len(g['params']) for g in saved_groups]}, this optimizer has "
+                f"{[len(g['params']) for g in self.param_groups]}: it was saved for other parameters"
+            )
+        if "block_schedule" not in state_dict:
+            raise ValueError("the state dict has no 'block_schedule': it was not saved by BlockAdamW")
+        param_of = {
+            index: p
+            for saved, group in zip(saved_groups, self.param_groups)
+            for index, p in zip(saved["params"], group["params"])
+        }
+        self._schedule.load_state_dict(state_dict["block_schedule"])
+        self._activate(self._schedule.current, first=True)
+        self.state = defaultdict(dict)
+        for index, saved in state_dict["state"].items():
+            p = param_of[index]
+            self.state[p] = {
+                key: value.detach().to(p.device, copy=True) if isinstance(value, torch.Tensor) else value
+                for key, value in saved.items()
+            }
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def memory_summary(self) -> dict[str, int]:
+        """Bytes held now: Adam state (exp_avg, exp_avg_sq), masters/remainders, gradients, and the
+        number of elements in the active block."""
+        state_bytes = master_bytes = 0
+        for state in self.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    nbytes = value.numel() * value.element_size()
+                    if key in ("exp_avg", "exp_avg_sq"):
+                        state_bytes += nbytes
+                    else:
+                        master_bytes += nbytes
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self._names if p.grad is not None)
+        return {
+            "state_bytes": state_bytes,
+            "master_bytes": master_bytes,
+            "grad_bytes": grad_bytes,
+            "active_numel": sum(p.numel() for p in self._active_params()),
+        }
+
+
+def _runs_fused(base: Optimizer) -> bool:
+    """Whether `base` is an Adam/AdamW whose update the fused AdamW kernel computes exactly."""
+    if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
+        return False
+    d = base.defaults
+    if d.get("amsgrad") or d.get("maximize") or d.get("differentiable"):
+        return False
+    decoupled = isinstance(base, torch.optim.AdamW) or d.get("decoupled_weight_decay", False)
+    return decoupled or d.get("weight_decay", 0.0) == 0.0
+
+
+class BlockOptimizer(BlockAdamW):
+    """Drop-in replacement for `badam.BlockOptimizer`: same signature, blocks, switch steps and
+    parameter groups, so swapping the import reproduces badam's training.
+
+    With a torch Adam/AdamW `base_optimizer` the update runs in the fused kernels with the base
+    optimizer's hyperparameters (lr from its first param group; betas, eps and weight decay from
+    its defaults, which badam applies to every group, biases included). Any other base optimizer
+    runs badam's generic path: an fp32 copy of the active block, the base optimizer on it, the
+    result copied back. Like badam, the first block trains switch_block_every - 1 steps, the
+    random order comes from torch's global RNG, and always-active modules restart their state
+    at every switch.
+
+    Example:
+        >>> base = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        >>> opt = BlockOptimizer(base, list(model.named_parameters()), switch_block_every=100)
+        >>> model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        named_parameters_list: Iterable[tuple[str, torch.Tensor]],
+        block_prefix_list: Sequence[Sequence[str]] | None = None,
+        switch_block_every: int = 50,
+        start_block: int | None = None,
+        switch_mode: str = "descending",
+        active_modules: Sequence[str] = (),
+        include_embedding: bool = False,
+        include_lm_head: bool = False,
+        verbose: int = 1,
+        log_fn: Callable[[str], Any] | None = None,
+        ds_zero3_enabled: bool | None = None,
+    ) -> None:
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
+            )
+        if ds_zero3_enabled:
+            raise NotImplementedError("DeepSpeed ZeRO-3 is not supported by badam_kernels.BlockOptimizer")
+        _, named = named_parameters_of(named_parameters_list)
+        names = [name for name, _ in named]
+        if block_prefix_list is None:
+            block_prefix_list = infer_blocks_like_badam(names, include_embedding, include_lm_head)
+        block_members, always_members = assign_blocks(
+            names, block_prefix_list, active_modules, match=contains
+        )
+        self.base_optimizer = base_optimizer
+        self._fused = _runs_fused(base_optimizer)
+        if not self._fused:  # GradScaler then unscales and skips the step itself, as for badam
+            self._step_supports_amp_scaling = False
+        schedule = BlockSchedule(
+            len(block_members),
+            switch_block_every,
+            switch_mode,
+            start_block,
+            generator=None,
+            first_block_steps=max(1, switch_block_every - 1),
+        )
+        defaults = base_optimizer.defaults
+        # badam builds its groups as {"weight_decay": ..., **defaults}: the defaults' weight decay
+        # wins in both groups, so biases are decayed too. Reproduced to give badam's iterates.
+        weight_decay = defaults.get("weight_decay", 0.0)
+        self._setup(
+            named,
+            block_members,
+            always_members,
+            {n for n in names if "bias" in n},
+            schedule,
+            lr=float(base_optimizer.param_groups[0]["lr"]),
+            betas=defaults.get("betas", (0.9, 0.999)),
+            eps=defaults.get("eps", 1e-8),
+            weight_decay=weight_decay,
+            no_decay_weight_decay=weight_decay,
+            master_weights="auto",
+            stochastic_rounding=False,
+            max_grad_norm=None,
+            backend="auto",
+            seed=0,
+            verbose=verbose,
+            log_fn=log_fn,
+            reset_always_active=True,
+            extra_defaults=defaults,
+        )
+
+    @property
+    def switch_block_every(self) -> int:
+        return self._schedule.switch_every
+
+    @property
+    def current_block_idx(self) -> int:
+        """badam's attribute name for the block being trained."""
+        return self._schedule.current
+
+    def _release(self, p: torch.Tensor) -> None:
+        super()._release(p)
+        if not self._fused:
+            self.base_optimizer.state = defaultdict(dict)
+
+    def _update(self, params: list[torch.Tensor]) -> None:
+        if self._fused:
+            super()._update(params)
+            return
+        self._sync_base_groups()
+        for p in params:
+            master = self.state[p]["master"]
+            master.grad = p.grad.float()
+        self.base_optimizer.step()
+        for p in params:
+            master = self.state[p]["master"]
+            p.copy_(master)
+            master.grad = None
+
+    def _sync_base_groups(self) -> None:
+        """Point the base optimizer at fp32 copies of the active block, one group per ours, with
+        our (scheduler-driven) lr; the copies are made at the block's first step."""
+        groups = []
+        active = set(self._active_params())
+        for group in self.param_groups:
+            masters = []
+            for p in group["params"]:
+                if p in active:
+                    state = self.state[p]
+                    if "master" not in state:
+                        state["master"] = p.detach().to(torch.float32, copy=True)
+                    masters.append(state["master"])
+            groups.append(
+                {
+                    **self.base_optimizer.defaults,
+                    **{k: v for k, v in group.items() if k != "params"},
+                    "params": masters,
+                }
+            )
+        self.base_optimizer.param_groups = groups
+
+    def state_dict(self) -> dict[str, Any]:
+        """BlockAdamW's state dict; on the generic path also the base optimizer's state."""
+        state_dict = super().state_dict()
+        if not self._fused:
+            self._sync_base_groups()
+            state_dict["base_optimizer"] = self.base_optimizer.state_dict()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if not self._fused:
+            self._sync_base_groups()
+            self.base_optimizer.load_state_dict(state_dict["base_optimizer"])

@@ -1,0 +1,397 @@
+"""BlockAdamW: blocks, schedule, switching, the step (decay groups, LR schedulers, clipping,
+GradScaler, hooks) and bad input. Fast tests on a small layered network."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from optim_models import make_net, net_loss, train
+
+from badam_kernels.optim import BlockAdamW, BlockOptimizer
+from badam_kernels.partition import assign_blocks, infer_blocks, no_decay_names
+from badam_kernels.schedule import BlockSchedule
+
+LLAMA = (
+    ["model.embed_tokens.weight"]
+    + [
+        f"model.layers.{i}.{part}"
+        for i in range(3)
+        for part in ("self_attn.q_proj.weight", "input_layernorm.weight")
+    ]
+    + ["model.norm.weight", "lm_head.weight"]
+)
+GPT2 = (
+    ["transformer.wte.weight", "transformer.wpe.weight"]
+    + [
+        f"transformer.h.{i}.{part}"
+        for i in range(2)
+        for part in ("ln_1.weight", "attn.c_attn.weight", "attn.c_attn.bias")
+    ]
+    + ["transformer.ln_f.weight"]
+)
+BERT = (
+    ["bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight"]
+    + [f"bert.encoder.layer.{i}.attention.self.query.weight" for i in range(2)]
+    + ["bert.pooler.dense.weight"]
+)
+T5 = (
+    ["shared.weight"]
+    + [
+        f"{side}.block.{i}.layer.{j}.SelfAttention.q.weight"
+        for side in ("encoder", "decoder")
+        for i in range(2)
+        for j in range(2)
+    ]
+    + ["encoder.final_layer_norm.weight", "lm_head.weight"]
+)
+
+
+# ---- partition -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "names, layers, embedding, head",
+    [
+        (
+            LLAMA,
+            ["model.layers.0.", "model.layers.1.", "model.layers.2."],
+            ["model.embed_tokens.weight"],
+            ["model.norm.weight", "lm_head.weight"],
+        ),
+        (
+            GPT2,
+            ["transformer.h.0.", "transformer.h.1."],
+            ["transformer.wte.weight", "transformer.wpe.weight"],
+            ["transformer.ln_f.weight"],
+        ),
+        (
+            BERT,
+            ["bert.encoder.layer.0.", "bert.encoder.layer.1."],
+            ["bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight"],
+            ["bert.pooler.dense.weight"],
+        ),
+        (
+            T5,
+            ["encoder.block.0.", "encoder.block.1.", "decoder.block.0.", "decoder.block.1."],
+            ["shared.weight"],
+            ["encoder.final_layer_norm.weight", "lm_head.weight"],
+        ),
+    ],
+    ids=["llama", "gpt2", "bert", "t5"],
+)
+def test_infer_blocks_per_layer(names, layers, embedding, head):
+    assert infer_blocks(names, False, False) == [[p] for p in layers]
+    assert infer_blocks(names, True, True) == [embedding] + [[p] for p in layers] + [head]
+    members, _ = assign_blocks(names, infer_blocks(names, True, True))
+    assert sorted(i for block in members for i in block) == list(range(len(names)))
+
+
+def test_no_decay_biases_and_norms():
+    model = make_net()
+    names = [n for n, _ in model.named_parameters()]
+    expected = {n for n in names if n.endswith("bias") or ".norm." in n or n.startswith("norm.")}
+    assert no_decay_names(model, names) == expected
+    assert no_decay_names(None, names) == expected
+    assert no_decay_names(None, GPT2) == {
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.1.ln_1.weight",
+        "transformer.ln_f.weight",
+        "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.1.attn.c_attn.bias",
+    }
+    opt = BlockAdamW(model, lr=1e-3, weight_decay=0.1, verbose=0)
+    decayed, undecayed = opt.param_groups
+    assert (decayed["weight_decay"], undecayed["weight_decay"]) == (0.1, 0.0)
+    assert {opt._names[p] for p in undecayed["params"]} == {n for n in expected if n.startswith("layers.")}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(blocks=[]), ValueError, "non-empty list"),
+        (dict(blocks=[["layers.0."], ["nothing."]]), ValueError, "'nothing.' of blocks\\[1\\] matches no"),
+        (dict(blocks=[["layers.0."], ["layers.0.fc"]]), ValueError, "is in blocks\\[0\\] and blocks\\[1\\]"),
+        (dict(always_active=["nope"]), ValueError, "always_active prefix 'nope'"),
+        (dict(switch_mode="cyclic"), ValueError, "switch_mode must be one of"),
+        (dict(switch_every=0), ValueError, "switch_every must be an int >= 1"),
+        (dict(start_block=3), ValueError, "start_block must be an int in \\[0, 3\\)"),
+        (dict(master_weights="half"), ValueError, "master_weights must be one of"),
+        (dict(stochastic_rounding=True), ValueError, "needs master_weights='none'"),
+        (dict(lr=-1.0), ValueError, "lr must be in"),
+        (dict(betas=(0.9, 1.0)), ValueError, "betas\\[1\\] must be in"),
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be a positive"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+        (dict(update_in_backward=True), NotImplementedError, "update_in_backward"),
+        (dict(process_group=object()), NotImplementedError, "process_group"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BlockAdamW(make_net(), **{"lr": 1e-3, "verbose": 0, **kwargs})
+
+
+def test_bad_model_inputs():
+    with pytest.raises(ValueError, match="could not infer transformer layers"):
+        BlockAdamW([("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)))], lr=1e-3)
+    with pytest.raises(TypeError, match="nn.Module or \\(name, parameter\\) pairs"):
+        BlockAdamW(3, lr=1e-3)
+    with pytest.raises(ValueError, match="'remainder' needs bf16"):
+        BlockAdamW(make_net(torch.float16), lr=1e-3, master_weights="remainder")
+    with pytest.raises(TypeError, match="BlockOptimizer|torch.optim.Optimizer"):
+        BlockOptimizer("adam", list(make_net().named_parameters()))
+
+
+def test_fp32_parameters_warn():
+    with pytest.warns(UserWarning, match="fp32"):
+        BlockAdamW(make_net(torch.float32), lr=1e-3, verbose=0)
+
+
+def test_add_param_group_refused():
+    opt = BlockAdamW(make_net(), lr=1e-3, verbose=0)
+    with pytest.raises(RuntimeError, match="does not support add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_step_without_gradient_names_the_causes():
+    opt = BlockAdamW(make_net(), lr=1e-3, verbose=0)
+    with pytest.raises(RuntimeError, match="backward\\(\\) was not called.*gradient checkpointing"):
+        opt.step()
+
+
+# ---- schedule ------------------------------------------------------------------------
+
+
+def _sequence(schedule: BlockSchedule, steps: int) -> list[int]:
+    seq = []
+    for _ in range(steps):
+        seq.append(schedule.current)
+        schedule.step()
+    return seq
+
+
+@pytest.mark.parametrize(
+    "mode, start, expected",
+    [
+        ("ascending", None, [0, 1, 2, 0]),
+        ("descending", None, [2, 1, 0, 2]),
+        ("fixed", 1, [1, 1, 1, 1]),
+        ("ascending", 2, [2, 0, 1, 2]),
+    ],
+)
+def test_schedule_orders(mode, start, expected):
+    assert _sequence(BlockSchedule(3, 2, mode, start), 8) == [b for b in expected for _ in range(2)]
+
+
+def test_random_schedule_passes_are_seeded_permutations():
+    def run(seed):
+        torch.manual_seed(seed)  # the global RNG must not matter
+        return _sequence(BlockSchedule(5, 1, "random", generator=torch.Generator().manual_seed(7)), 20)
+
+    seq = run(0)
+    assert seq == run(1)
+    passes = [seq[i : i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(p) == list(range(5)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1
+
+
+def test_switch_every_steps_and_block_flags():
+    model = make_net()
+    opt = BlockAdamW(model, lr=1e-3, switch_every=3, switch_mode="ascending", verbose=0)
+    params = dict(model.named_parameters())
+    seen = []
+    for step in range(9):
+        seen.append(opt.active_block)
+        active = set(opt.active_parameter_names())
+        assert all(p.requires_grad == (name in active) for name, p in params.items())
+        net_loss(model, step).backward()
+        # Inactive blocks never get a gradient tensor.
+        assert {n for n, p in params.items() if p.grad is not None} == active
+        opt.step()
+        assert all(p.grad is None for p in params.values())
+        assert all(opt._names[p] in active for p in opt.state) or step % 3 == 2
+    assert seen == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert not params["embed_tokens.weight"].requires_grad and not params["lm_head.weight"].requires_grad
+
+
+def test_include_embedding_head_and_always_active():
+    model = make_net()
+    opt = BlockAdamW(
+        model,
+        lr=1e-3,
+        include_embedding=True,
+        include_lm_head=True,
+        switch_mode="ascending",
+        always_active=["norm."],
+        verbose=0,
+    )
+    assert opt.num_blocks == 5
+    assert opt.active_parameter_names() == ["embed_tokens.weight", "norm.weight", "norm.bias"]
+    norm_state = None
+    for step in range(3):
+        net_loss(model, step).backward()
+        opt.step()
+        norm_state = norm_state or opt.state[model.norm.weight]
+    # always-active state survives switches (BlockAdamW; BlockOptimizer resets it like badam).
+    assert opt.state[model.norm.weight] is norm_state and norm_state["step"] == 3
+
+
+# ---- the update against torch.optim.AdamW ----------------------------------------------
+
+
+def _reference_pair(max_grad_norm=None):
+    """fp32 nets (exact weights, no masters): ours on block 1 only, torch AdamW on the same block."""
+    ours, ref = make_net(torch.float32), make_net(torch.float32)
+    with pytest.warns(UserWarning, match="fp32"):
+        opt = BlockAdamW(
+            ours,
+            lr=1e-2,
+            weight_decay=0.1,
+            blocks=[["layers.1."]],
+            switch_mode="fixed",
+            switch_every=1000,
+            max_grad_norm=max_grad_norm,
+            verbose=0,
+        )
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    block = [p for n, p in ref.named_parameters() if n.startswith("layers.1.")]
+    for p in block:
+        p.requires_grad_(True)
+    decay = [p for n, p in ref.named_parameters() if n == "layers.1.fc.weight"]
+    no_decay = [p for p in block if all(p is not q for q in decay)]
+    ref_opt = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1
+    )
+    return ours, opt, ref, ref_opt
+
+
+def _assert_same_params(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lr_scheduler_drives_the_update():
+    ours, opt, ref, ref_opt = _reference_pair()
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.3) for o in (opt, ref_opt)]
+    for step in range(6):
+        for model, o, sched in zip((ours, ref), (opt, ref_opt), scheds):
+            net_loss(model, step).backward()
+            o.step()
+            o.zero_grad()
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.3**3)
+    _assert_same_params(ours, ref)
+
+
+def test_clipping_matches_clip_grad_norm():
+    ours, opt, ref, ref_opt = _reference_pair(max_grad_norm=0.05)
+    for step in range(5):
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            net_loss(model, step, scale=10.0).backward()
+            if o is ref_opt:
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in ref.parameters() if p.grad is not None], 0.05
+                )
+                assert norm > 0.05  # the clip is active
+            o.step()
+            o.zero_grad()
+    _assert_same_params(ours, ref)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.1])
+def test_grad_scaler_fp16_and_inf_skip(max_grad_norm):
+    model, plain = make_net(torch.float16), make_net(torch.float16)
+    # A large eps makes the update depend on the gradient scale (unscaled, it would be off by
+    # up to 1e-2 here), so this checks the unscaling too.
+    kwargs = dict(lr=1e-2, eps=1e-3, max_grad_norm=max_grad_norm, switch_every=1000, verbose=0)
+    opt, plain_opt = BlockAdamW(model, **kwargs), BlockAdamW(plain, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(3):
+        scaler.scale(net_loss(model, step)).backward()
+        scaler.step(opt)
+        scaler.update()
+        net_loss(plain, step).backward()
+        plain_opt.step()
+    # Same iterates as without a scaler, up to fp16 rounding in the scaled backward pass.
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
+    before = [p.clone() for p in model.parameters()]
+    state_before = {
+        p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()
+    }
+    scaler.scale(net_loss(model, 3) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for p, saved in state_before.items():
+        assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+
+
+def test_step_hooks_closure_and_zero_grad():
+    model = make_net()
+    opt = BlockAdamW(model, lr=1e-3, verbose=0)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = net_loss(model, 0)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == ["pre", "post"] and loss.item() > 0
+    net_loss(model, 1).backward()
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_master_modes_train(backend):
+    """Every mode runs a few switches and lowers the loss; "none" with stochastic rounding too."""
+    for kwargs in (
+        dict(),
+        dict(master_weights="fp32"),
+        dict(master_weights="none"),
+        dict(master_weights="none", stochastic_rounding=True),
+    ):
+        model = make_net()
+        opt = BlockAdamW(model, lr=3e-2, switch_every=2, backend=backend, verbose=0, **kwargs)
+        losses = train(model, opt, 12)
+        assert sum(losses[-3:]) < sum(losses[:3]), kwargs
+
+
+@pytest.mark.parametrize(
+    "base", [torch.optim.AdamW, partial(torch.optim.SGD, momentum=0.9)], ids=["fused", "generic"]
+)
+def test_block_optimizer_resume(base):
+    """BlockOptimizer (fused and generic paths) continues identically from its state dict."""
+    import io
+
+    def make():
+        model = make_net()
+        opt = BlockOptimizer(
+            base(model.parameters(), lr=1e-2, weight_decay=0.01),
+            list(model.named_parameters()),
+            switch_block_every=3,
+            switch_mode="ascending",
+            verbose=0,
+        )
+        return model, opt
+
+    model, opt = make()
+    train(model, opt, 4)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, 4, start=4)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed, resumed_opt = make()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    train(resumed, resumed_opt, 4, start=4)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
