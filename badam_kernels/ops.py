@@ -11,6 +11,7 @@ The compiled extension is optional: without it the "torch" and "triton" backends
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -44,9 +45,15 @@ def _has_cpp_kernel(op: str, key: str) -> bool:
     return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"badam_kernels::{op}", key)
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Cached: find_spec walks sys.path, far too slow to repeat at every optimizer step."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(device: torch.device) -> bool:
     """Triton runs CUDA tensors, and CPU tensors only under its interpreter."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return False
     if device.type == "cuda":
         return True
@@ -82,7 +89,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"backend {backend!r} cannot run tensors on {device}")
         why = EXTENSION_ERROR or f"the extension was built without {backend.upper()} kernels"
         raise RuntimeError(f"backend {backend!r} is not available ({why}); {_BUILD_HINT}")
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         raise RuntimeError("backend 'triton' needs the triton package: `pip install triton`")
     raise RuntimeError(
         f"backend 'triton' cannot run tensors on {device}: CPU tensors need TRITON_INTERPRET=1 "
