@@ -31,6 +31,22 @@ struct AdamScalars {
   float bc2_sqrt;
 };
 
+// The per-call constants, computed in double on the host and then rounded to fp32 (host only).
+inline AdamScalars make_adam_scalars(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                     int64_t step) {
+  const double steps = static_cast<double>(step);
+  AdamScalars s;
+  s.beta1 = static_cast<float>(beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.step_size = static_cast<float>(lr / (1.0 - pow(beta1, steps)));
+  s.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, steps)));
+  return s;
+}
+
 // One AdamW update of a single element, all in fp32. `w`, `m`, `v` are updated in place.
 // The operation order is part of the contract (see DESIGN.md): torch.optim.AdamW semantics.
 BADAM_HD void adamw_update(float g, float& w, float& m, float& v, const AdamScalars& s) {
@@ -91,7 +107,13 @@ BADAM_HD uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// Per-tensor key. seed is folded to 32 bits (low ^ high) before this call.
+// The 63-bit user seed folded to 32 bits (low ^ high), as sr_key takes it (host only).
+inline uint32_t fold_seed(int64_t seed) {
+  const uint64_t bits = static_cast<uint64_t>(seed);
+  return static_cast<uint32_t>(bits ^ (bits >> 32));
+}
+
+// Per-tensor key. seed is folded to 32 bits (fold_seed) before this call.
 BADAM_HD uint32_t sr_key(uint32_t seed32, uint32_t step32, uint32_t tensor_index) {
   return mix32(seed32 ^ mix32(step32 ^ mix32(tensor_index ^ 0x9e3779b9u)));
 }

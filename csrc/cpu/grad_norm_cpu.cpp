@@ -9,23 +9,12 @@
 
 #include "cpu/concatenated_chunks.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/elem_type.h"
+#include "op_checks.h"
 
 namespace badam {
 namespace cpu {
 namespace {
-
-ElemType norm_elem_type(size_t i, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ElemType::kFloat32;
-    case at::kBFloat16:
-      return ElemType::kBFloat16;
-    case at::kHalf:
-      return ElemType::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "tensors[", i, "] has dtype ", t.scalar_type(), ", expected bf16, fp16 or fp32");
-  }
-}
 
 at::Tensor grad_norm_cpu(at::TensorList tensors) {
   TORCH_CHECK_VALUE(!tensors.empty(), "grad_norm needs at least one tensor");
@@ -34,7 +23,8 @@ at::Tensor grad_norm_cpu(at::TensorList tensors) {
   std::vector<int64_t> numels;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    const ElemType type = norm_elem_type(i, t);
+    check_float_dtype("tensors", i, t);
+    const ElemType type = elem_type(t.scalar_type());
     TORCH_CHECK_VALUE(t.device().is_cpu(), "tensors[", i, "] is on ", t.device(),
                       " but the CPU kernel needs CPU tensors");
     TORCH_CHECK_VALUE(t.is_contiguous(), "tensors[", i, "] is not contiguous; pass tensor.contiguous()");
