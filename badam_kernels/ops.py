@@ -42,7 +42,9 @@ _BUILD_HINT = (
 
 
 def _has_cpp_kernel(op: str, key: str) -> bool:
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"badam_kernels::{op}", key)
+    if EXTENSION_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"badam_kernels::{op}", key)
 
 
 @functools.cache
@@ -207,8 +209,10 @@ def validate_adamw_args(
 
 # ---- the "torch" and "triton" backends as torch.library ops ------------------------------
 
+_ADAMW_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "masters")
 
-@torch.library.custom_op("badam_kernels::fused_adamw_torch_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters"))
+
+@torch.library.custom_op("badam_kernels::fused_adamw_torch_", mutates_args=_ADAMW_MUTATES)
 def _fused_adamw_torch(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor], lr: float, beta1: float,
@@ -227,7 +231,7 @@ def _fused_adamw_torch(
 
 # The Triton launchers build int64 tables of data_ptr()s, which fake tensors cannot trace, so
 # these are opaque custom ops (not torch.library.triton_op): torch.compile sees one op.
-@torch.library.custom_op("badam_kernels::fused_adamw_triton_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters"))
+@torch.library.custom_op("badam_kernels::fused_adamw_triton_", mutates_args=_ADAMW_MUTATES)
 def _fused_adamw_triton(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor], lr: float, beta1: float,

@@ -177,7 +177,8 @@ def fused_adamw_reference(
         elif master_weights == "remainder":
             p2, master2 = remainder_encode(w32)
         elif p.dtype == torch.bfloat16 and stochastic_rounding:
-            p2, master2 = round_bf16_stochastic(w32, sr_bits(sr_key(seed, step, i), p.numel(), p.device)), None
+            random16 = sr_bits(sr_key(seed, step, i), p.numel(), p.device)
+            p2, master2 = round_bf16_stochastic(w32, random16), None
         else:
             p2, master2 = w.to(p.dtype), None
         outs = [p2, m2.to(torch.float32), v2.to(torch.float32)] + ([master2] if master2 is not None else [])

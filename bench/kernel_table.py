@@ -13,7 +13,6 @@ import statistics
 import time
 
 import torch
-
 from kernel_cases import cases
 
 
@@ -38,7 +37,9 @@ def median_seconds(fn, device: torch.device, min_time: float = 1.0, min_reps: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["1M", "16M"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_cases import cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from badam_kernels.reference import AdamScalars, sr_key
 from badam_kernels.triton_ops.adam_math import (
     adamw_update,
     fp32_to_bf16_stochastic,
@@ -30,6 +28,8 @@ from badam_kernels.triton_ops.utils import (
     device_context,
     group_by,
 )
+
+from badam_kernels.reference import AdamScalars, sr_key
 
 # Rows of the tensor table (utils.py): five pointer rows, then numel and the stochastic-rounding key.
 _ROW_PARAM = tl.constexpr(0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from badam_kernels.triton_ops.adam_math import to_fp32
 from badam_kernels.triton_ops.utils import (
     BLOCK,
