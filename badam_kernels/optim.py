@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from badam_kernels.checkpointing import BackwardCut
 from badam_kernels.ops import BACKENDS, fused_adamw_, grad_norm
 from badam_kernels.partition import (
     assign_blocks,
@@ -40,7 +42,13 @@ NO_GRAD_MESSAGE = (
     "step() found no gradient on any parameter of the active block ({names}). Likely causes: "
     "loss.backward() was not called before step(); or gradient checkpointing with reentrant "
     "checkpoints whose inputs do not require grad (the embedding is frozen), so no gradient reaches "
-    "the layers: call model.enable_input_require_grads() or use use_reentrant=False."
+    "the layers: pass the model itself to BlockAdamW (truncate_backward=True makes the active layer's "
+    "input require grad, see badam_kernels.checkpointing) or use use_reentrant=False."
+)
+ACCUMULATION_OVERRUN_MESSAGE = (
+    "update_in_backward: parameter {name!r} received more backward passes ({count}) than "
+    "gradient_accumulation_steps={steps} before step(); call step() after every "
+    "gradient_accumulation_steps backward passes"
 )
 
 
@@ -117,6 +125,20 @@ class BlockAdamW(Optimizer):
         backend: kernel backend for `fused_adamw_` ("auto", "cuda", "triton", "cpu", "torch").
         seed: seeds the random block order and stochastic rounding.
         verbose: 0 silent; 1 logs each switch; 2 also lists the active parameter names.
+        update_in_backward: update each active parameter from its post-accumulate-grad hook during
+            backward, one fused call per tensor, and free its gradient at once: the gradients
+            held at the peak are one tensor instead of the whole block. step() and zero_grad()
+            are still called as usual; step() then only advances the schedule (and updates
+            parameters whose accumulation window was cut short). Same iterates as the normal
+            mode (stochastic rounding draws other noise); cannot be combined with max_grad_norm
+            (global-norm clipping needs every gradient before any update) or
+            torch.amp.GradScaler (it unscales after backward).
+        gradient_accumulation_steps: with update_in_backward, the number of backward passes
+            per step(); parameters are updated on the last one.
+        truncate_backward: when `model_or_named_params` is a module, stop backward at the input
+            of the lowest active layer (badam_kernels.checkpointing.BackwardCut), so gradient
+            checkpointing, reentrant included, trains the active block without any backward
+            through the frozen layers below it.
 
     A newly active block starts with fresh Adam state (step 1), like badam. With a GradScaler
     a skipped (inf) step writes nothing but still counts towards the schedule and Adam's step,
@@ -133,6 +155,11 @@ class BlockAdamW(Optimizer):
     # torch.amp.GradScaler then sets `grad_scale` and `found_inf` on the optimizer instead of
     # unscaling and syncing on the host; step() hands both to the kernel.
     _step_supports_amp_scaling = True
+    # update_in_backward and the backward cut; BlockOptimizer keeps these defaults.
+    _update_in_backward = False
+    _accumulation_steps = 1
+    _backward_cut: BackwardCut | None = None
+    _backward_hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
 
     def __init__(
         self,
@@ -157,12 +184,16 @@ class BlockAdamW(Optimizer):
         verbose: int = 1,
         update_in_backward: bool = False,
         process_group: Any = None,
+        gradient_accumulation_steps: int = 1,
+        truncate_backward: bool = True,
     ) -> None:
-        if update_in_backward:
-            raise NotImplementedError("update_in_backward=True is not implemented yet")
         if process_group is not None:
             raise NotImplementedError("process_group (multi-GPU) is not implemented yet")
         model, named = named_parameters_of(model_or_named_params)
+        self._configure_backward(
+            update_in_backward, gradient_accumulation_steps, max_grad_norm, process_group,
+            BackwardCut(model) if truncate_backward and model is not None else None,
+        )  # fmt: skip
         names = [name for name, _ in named]
         if blocks is None:
             blocks = infer_blocks(names, include_embedding, include_lm_head)
@@ -318,6 +349,7 @@ class BlockAdamW(Optimizer):
             self._log_fn(f"BAdam: training block {block} of {len(self._blocks)}")
         if self.verbose >= 2:
             self._log_fn("BAdam: trainable parameters: " + ", ".join(self.active_parameter_names()))
+        self._rewire_backward()
 
     def _release(self, p: torch.Tensor) -> None:
         self.state.pop(p, None)
@@ -331,6 +363,11 @@ class BlockAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._update_in_backward:
+            self._finish_backward_updates()
+            if self._schedule.step():
+                self._activate(self._schedule.current)
+            return loss
         active = self._active_params()
         with_grad = [p for p in active if p.grad is not None]
         if not with_grad:
@@ -377,8 +414,9 @@ class BlockAdamW(Optimizer):
                 state["remainder"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
         return state
 
-    def _update(self, params: list[torch.Tensor]) -> None:
-        """One fused call per (param group, device, dtype, Adam step) over the params with grads."""
+    def _update(self, params: list[torch.Tensor], first_call_index: int = 0) -> None:
+        """One fused call per (param group, device, dtype, Adam step) over the params with grads;
+        calls are numbered from `first_call_index` to give each its own stochastic-rounding seed."""
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         grad_of = dict(zip(params, grads))
         grad_mul, found_inf = self._grad_multiplier(grads)
@@ -408,11 +446,97 @@ class BlockAdamW(Optimizer):
                 master_weights=mode,
                 masters=None if master_key is None else _flat(s[master_key] for s in states),
                 stochastic_rounding=self._stochastic_rounding and dtype == torch.bfloat16,
-                seed=_mix_seed(self._seed, self._schedule.global_step, call_index),
+                seed=_mix_seed(self._seed, self._schedule.global_step, first_call_index + call_index),
                 grad_mul=None if grad_mul is None else grad_mul.to(device),
                 found_inf=None if found_inf is None else found_inf.to(device).float().reshape(()),
                 backend=self._backend,
             )
+
+    # ---- update in backward and the backward cut -------------------------------------------
+
+    def _configure_backward(
+        self,
+        update_in_backward: bool,
+        gradient_accumulation_steps: int,
+        max_grad_norm: float | None,
+        process_group: Any,
+        backward_cut: BackwardCut | None,
+    ) -> None:
+        """Validate the update_in_backward options; refuse what that mode cannot honour."""
+        steps = gradient_accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {steps!r}")
+        if steps > 1 and not update_in_backward:
+            raise ValueError(
+                "gradient_accumulation_steps is only used with update_in_backward=True; in the normal "
+                "mode accumulate by calling backward() several times before step()"
+            )
+        if update_in_backward and max_grad_norm is not None:
+            raise ValueError(
+                "update_in_backward=True cannot clip to max_grad_norm: global-norm clipping needs every "
+                "gradient of the block before the first update, and this mode updates each parameter "
+                "as soon as its gradient is ready; use update_in_backward=False to clip"
+            )
+        if update_in_backward and process_group is not None:
+            raise ValueError("update_in_backward=True cannot be combined with process_group")
+        self._update_in_backward = bool(update_in_backward)
+        self._accumulation_steps = steps
+        self._backward_cut = backward_cut
+
+    def _rewire_backward(self) -> None:
+        """After a switch: update hooks on the new active parameters only, and the cut moved to
+        the new lowest active layer."""
+        for handle in self._backward_hooks:
+            handle.remove()
+        self._backward_hooks = ()
+        self._micro_batches: dict[torch.Tensor, int] = {}
+        self._updated_in_backward = False
+        active = self._active_params()
+        if self._update_in_backward:
+            self._active_index = {p: i for i, p in enumerate(active)}
+            hook = _weak_update_hook(self)
+            self._backward_hooks = tuple(p.register_post_accumulate_grad_hook(hook) for p in active)
+        if self._backward_cut is not None:
+            self._backward_cut.move_to(self._names[p] for p in active)
+
+    def _update_from_backward(self, p: torch.Tensor) -> None:
+        """The post-accumulate-grad hook: update `p` after its last micro-batch, free its grad."""
+        count = self._micro_batches.get(p, 0) + 1
+        self._micro_batches[p] = count
+        if count > self._accumulation_steps:
+            raise RuntimeError(
+                ACCUMULATION_OVERRUN_MESSAGE.format(
+                    name=self._names[p], count=count, steps=self._accumulation_steps
+                )
+            )
+        if count < self._accumulation_steps:
+            return
+        with torch.no_grad():
+            self._update([p], first_call_index=self._active_index[p])
+        p.grad = None
+        self._updated_in_backward = True
+
+    def _finish_backward_updates(self) -> None:
+        """step() in update_in_backward mode: update what a short accumulation window (fewer
+        backward passes than gradient_accumulation_steps) left pending, then reset the counts."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                "update_in_backward=True cannot be combined with torch.amp.GradScaler: the parameters "
+                "were updated during backward, from still-scaled gradients, before the scaler could "
+                "unscale them or skip an inf step; train in bf16 without a scaler, or use "
+                "update_in_backward=False"
+            )
+        active = self._active_params()
+        pending = [p for p in active if p.grad is not None]
+        if not pending and not self._updated_in_backward:
+            shown = ", ".join(self._names[p] for p in active[:3]) + (", ..." if len(active) > 3 else "")
+            raise RuntimeError(NO_GRAD_MESSAGE.format(names=shown))
+        if pending:
+            self._update(pending)
+        for p in active:
+            p.grad = None
+        self._micro_batches = {}
+        self._updated_in_backward = False
 
     # ---- checkpoints and introspection ----------------------------------------------------
 
@@ -474,6 +598,19 @@ class BlockAdamW(Optimizer):
             "grad_bytes": grad_bytes,
             "active_numel": sum(p.numel() for p in self._active_params()),
         }
+
+
+def _weak_update_hook(optimizer: BlockAdamW) -> Callable[[torch.Tensor], None]:
+    """A post-accumulate-grad hook that does not keep `optimizer` alive: parameters outlive
+    optimizers, and a discarded optimizer must not go on updating the model."""
+    reference = weakref.ref(optimizer)
+
+    def hook(p: torch.Tensor) -> None:
+        optimizer = reference()
+        if optimizer is not None:
+            optimizer._update_from_backward(p)
+
+    return hook
 
 
 def _runs_fused(base: Optimizer) -> bool:

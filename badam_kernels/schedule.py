@@ -127,4 +127,5 @@ class BlockSchedule:
         self.steps_in_block = state["steps_in_block"]
         self.global_step = state["global_step"]
         if self.generator is not None and state["rng_state"] is not None:
-            self.generator.set_state(state["rng_state"])
+            # .cpu(): accelerate moves every tensor of an optimizer state dict to the GPU.
+            self.generator.set_state(state["rng_state"].cpu())

@@ -1,0 +1,168 @@
+"""Gradient checkpointing with BlockAdamW: the active block gets the gradients it gets without
+checkpointing (reentrant and non-reentrant), and backward does no work below it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llama_tiny import build_tiny_llama, text_batch
+
+from badam_kernels.optim import BlockAdamW
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*fp32.*:UserWarning"),  # tiny fp32 model: exact comparisons
+    pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning"),
+    # Reentrant checkpoints of the frozen layers below the active one say so; nothing is lost.
+    pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad:UserWarning"),
+]
+LAYERS, ACTIVE = 4, 2
+MODES = ["none", "reentrant", "non_reentrant"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, which also keeps them quick on a busy machine
+    (two threads on oversubscribed cores made these tests ~15x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(mode: str, frozen_input: bool = False):
+    model = build_tiny_llama(dtype=torch.float32, num_layers=LAYERS)
+    model.train()
+    if mode != "none":
+        # transformers also makes the embedding output require grad here (enable_input_require_grads)
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"}
+        )
+        if frozen_input:
+            model.disable_input_require_grads()
+    return model
+
+
+def _optimizer(model, **kwargs):
+    return BlockAdamW(model, lr=1e-3, switch_mode="fixed", start_block=ACTIVE, verbose=0, **kwargs)
+
+
+def _loss(model):
+    tokens = text_batch(0, batch_size=2, seq_len=32)
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def _reference_grads() -> dict[str, torch.Tensor]:
+    """Plain autograd, every parameter trainable, no checkpointing, no optimizer."""
+    model = _model("none")
+    _loss(model).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _probe(model):
+    """Count q_proj calls per layer (a checkpointed layer runs again in backward, a layer that
+    backward never reaches runs once) and gradients arriving at the embedding output."""
+    calls = [0] * LAYERS
+    embedding_grads = []
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def watch_embedding(module, args, output):
+        if output.requires_grad:
+            output.register_hook(embedding_grads.append)
+
+    model.model.embed_tokens.register_forward_hook(watch_embedding)
+    return calls, embedding_grads
+
+
+@pytest.mark.parametrize("frozen_input", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_active_block_gets_the_same_gradients(mode, frozen_input):
+    reference = _reference_grads()
+    model = _model(mode, frozen_input)
+    opt = _optimizer(model)  # noqa: F841 (the cut lives as long as the optimizer)
+    _loss(model).backward()
+    for name, p in model.named_parameters():
+        if name.startswith(f"model.layers.{ACTIVE}."):
+            torch.testing.assert_close(p.grad, reference[name], rtol=0, atol=0, msg=name)
+        else:
+            assert p.grad is None, name
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_backward_stops_at_the_active_block(mode):
+    model = _model(mode)
+    opt = _optimizer(model)  # noqa: F841 (the cut lives as long as the optimizer)
+    calls, embedding_grads = _probe(model)
+    _loss(model).backward()
+    assert calls == [1] * ACTIVE + [2] * (LAYERS - ACTIVE)  # nothing below ACTIVE is recomputed
+    assert embedding_grads == []
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_without_the_cut_backward_runs_through_the_frozen_layers(mode):
+    """What truncate_backward saves: transformers' checkpointing makes the embedding output
+    require grad, so backward recomputes every frozen layer below the active one."""
+    model = _model(mode)
+    opt = _optimizer(model, truncate_backward=False)  # noqa: F841
+    calls, embedding_grads = _probe(model)
+    _loss(model).backward()
+    assert calls == [2] * LAYERS
+    assert len(embedding_grads) == 1
+
+
+def test_cut_follows_the_block_switches():
+    model = _model("reentrant", frozen_input=True)
+    opt = BlockAdamW(model, lr=1e-3, switch_every=1, switch_mode="descending", verbose=0)
+    for _ in range(LAYERS):
+        block = opt.active_block
+        calls, _ = _probe(model)
+        _loss(model).backward()
+        assert calls == [1] * block + [2] * (LAYERS - block)
+        opt.step()
+
+
+def test_reentrant_without_the_cut_trains_nothing_loudly():
+    """The configuration the cut repairs: reentrant checkpoints, nothing below requires grad.
+    torch warns and the active block gets no gradient; with only the block trainable the loss
+    has no graph at all."""
+    model = _model("reentrant", frozen_input=True)
+    opt = _optimizer(model, truncate_backward=False)  # noqa: F841
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        loss = _loss(model)
+    assert not loss.requires_grad
+
+
+def test_cut_stays_off_when_the_embedding_trains():
+    model = _model("reentrant")
+    opt = BlockAdamW(model, lr=1e-3, switch_mode="fixed", include_embedding=True, start_block=0, verbose=0)
+    assert opt._backward_cut.cut_module is None
+    _loss(model).backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_head_block_needs_no_backward_through_the_layers():
+    model = _model("non_reentrant")
+    opt = BlockAdamW(model, lr=1e-3, switch_mode="fixed", include_lm_head=True, start_block=LAYERS, verbose=0)
+    assert opt._backward_cut.cut_module == "model.norm"
+    calls, embedding_grads = _probe(model)
+    _loss(model).backward()
+    assert calls == [1] * LAYERS and embedding_grads == []
+    assert model.lm_head.weight.grad is not None and model.model.norm.weight.grad is not None
+
+
+def _train(mode: str, update_in_backward: bool) -> list[torch.Tensor]:
+    model = _model(mode)
+    opt = BlockAdamW(model, lr=1e-3, switch_every=2, update_in_backward=update_in_backward, verbose=0)
+    for step in range(6):  # three blocks
+        tokens = text_batch(step, batch_size=2, seq_len=32)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("update_in_backward", [False, True])
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_training_under_checkpointing_matches_plain_training(mode, update_in_backward):
+    for a, b in zip(_train("none", update_in_backward=False), _train(mode, update_in_backward)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
