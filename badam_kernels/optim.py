@@ -369,10 +369,13 @@ class BlockAdamW(Optimizer):
                 self._activate(self._schedule.current)
             return loss
         active = self._active_params()
-        with_grad = [p for p in active if p.grad is not None]
-        if not with_grad:
-            shown = ", ".join(self._names[p] for p in active[:3]) + (", ..." if len(active) > 3 else "")
+        block = self._blocks[self._schedule.current]
+        # Checked on the block, not on always_active too: an always-active head with a gradient
+        # must not hide a block that silently receives none.
+        if not any(p.grad is not None for p in block):
+            shown = ", ".join(self._names[p] for p in block[:3]) + (", ..." if len(block) > 3 else "")
             raise RuntimeError(NO_GRAD_MESSAGE.format(names=shown))
+        with_grad = [p for p in active if p.grad is not None]
         self._update(with_grad)
         for p in active:
             p.grad = None

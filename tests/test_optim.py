@@ -159,6 +159,18 @@ def test_step_without_gradient_names_the_causes():
         opt.step()
 
 
+def test_step_raises_when_only_always_active_has_gradients():
+    # A block cut off from the loss (here: its output is not used) must not train silently
+    # while an always-active head does.
+    net = make_net()
+    opt = BlockAdamW(net, lr=1e-3, always_active=["lm_head."], start_block=0, verbose=0)
+    tokens = torch.randint(0, 32, (4, 5))
+    net.lm_head(net.embed_tokens(tokens)).float().square().mean().backward()
+    assert net.lm_head.weight.grad is not None and net.layers[0].fc.weight.grad is None
+    with pytest.raises(RuntimeError, match="no gradient on any parameter of the active block \\(layers.0"):
+        opt.step()
+
+
 # ---- schedule ------------------------------------------------------------------------
 
 
