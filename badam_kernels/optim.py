@@ -22,6 +22,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from badam_kernels.checkpointing import BackwardCut
+from badam_kernels.distributed import (
+    ActiveBlockGradientSync,
+    local_tensor,
+    reject_ddp,
+    sum_of_squares_over_shards,
+)
 from badam_kernels.ops import BACKENDS, fused_adamw_, grad_norm
 from badam_kernels.partition import (
     assign_blocks,
@@ -98,8 +104,9 @@ def _mix_seed(seed: int, global_step: int, call_index: int) -> int:
 
 
 def _flat(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """1-D views of contiguous tensors: the kernels' in-place writes land in the originals."""
-    return [t.view(-1) for t in tensors]
+    """1-D views of contiguous tensors (of the local shard, for FSDP2's DTensors): the kernels'
+    in-place writes land in the originals."""
+    return [local_tensor(t).view(-1) for t in tensors]
 
 
 class BlockAdamW(Optimizer):
@@ -139,6 +146,10 @@ class BlockAdamW(Optimizer):
             of the lowest active layer (badam_kernels.checkpointing.BackwardCut), so gradient
             checkpointing, reentrant included, trains the active block without any backward
             through the frozen layers below it.
+        process_group: data parallel without DDP: average the active block's gradients over this
+            torch.distributed group, all-reduced during backward (badam_kernels.distributed;
+            `optimizer.gradient_sync` then counts the bytes and offers no_sync()). Leave None
+            with FSDP2 (fully_shard), which reduces the gradients itself.
 
     A newly active block starts with fresh Adam state (step 1), like badam. With a GradScaler
     a skipped (inf) step writes nothing but still counts towards the schedule and Adam's step,
@@ -160,6 +171,8 @@ class BlockAdamW(Optimizer):
     _accumulation_steps = 1
     _backward_cut: BackwardCut | None = None
     _backward_hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
+    # Averages the active block's gradients over `process_group` (badam_kernels.distributed).
+    gradient_sync: ActiveBlockGradientSync | None = None
 
     def __init__(
         self,
@@ -187,9 +200,8 @@ class BlockAdamW(Optimizer):
         gradient_accumulation_steps: int = 1,
         truncate_backward: bool = True,
     ) -> None:
-        if process_group is not None:
-            raise NotImplementedError("process_group (multi-GPU) is not implemented yet")
         model, named = named_parameters_of(model_or_named_params)
+        reject_ddp(model_or_named_params, [name for name, _ in named])
         self._configure_backward(
             update_in_backward, gradient_accumulation_steps, max_grad_norm, process_group,
             BackwardCut(model) if truncate_backward and model is not None else None,
@@ -202,6 +214,8 @@ class BlockAdamW(Optimizer):
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         generator = torch.Generator().manual_seed(seed)
         schedule = BlockSchedule(len(block_members), switch_every, switch_mode, start_block, generator)
+        if process_group is not None:  # before _setup, whose first block activation it watches
+            self.gradient_sync = ActiveBlockGradientSync(process_group, named, model)
         self._setup(
             named,
             block_members,
@@ -349,6 +363,8 @@ class BlockAdamW(Optimizer):
             self._log_fn(f"BAdam: training block {block} of {len(self._blocks)}")
         if self.verbose >= 2:
             self._log_fn("BAdam: trainable parameters: " + ", ".join(self.active_parameter_names()))
+        if self.gradient_sync is not None:
+            self.gradient_sync.watch(self._active_params(), self._schedule)
         self._rewire_backward()
 
     def _release(self, p: torch.Tensor) -> None:
@@ -375,6 +391,8 @@ class BlockAdamW(Optimizer):
         if not any(p.grad is not None for p in block):
             shown = ", ".join(self._names[p] for p in block[:3]) + (", ..." if len(block) > 3 else "")
             raise RuntimeError(NO_GRAD_MESSAGE.format(names=shown))
+        if self.gradient_sync is not None:
+            self.gradient_sync.synchronize(getattr(self, "found_inf", None))
         with_grad = [p for p in active if p.grad is not None]
         self._update(with_grad)
         for p in active:
@@ -396,8 +414,10 @@ class BlockAdamW(Optimizer):
         by_device = defaultdict(list)
         for g in grads:
             by_device[g.device].append(g)
-        squares = [grad_norm(gs, backend=self._backend).to(device).square() for gs in by_device.values()]
-        norm = torch.stack(squares).sum().sqrt()
+        squares = [
+            grad_norm(_flat(gs), backend=self._backend).to(device).square() for gs in by_device.values()
+        ]
+        norm = sum_of_squares_over_shards(torch.stack(squares).sum(), grads).sqrt()
         if inv_scale is not None:
             norm = norm * inv_scale
         grad_mul = (self._max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
@@ -408,13 +428,14 @@ class BlockAdamW(Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            # zeros_like: a DTensor parameter (FSDP2) gets state sharded like it, for DCP.
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             mode = self._master_modes[p.dtype]
             if mode == "fp32":
                 state["master"] = p.detach().to(torch.float32, copy=True)
             elif mode == "remainder":  # remainder 0: the master starts at the bf16 value, as in badam
-                state["remainder"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+                state["remainder"] = torch.zeros_like(p, dtype=torch.int16)
         return state
 
     def _update(self, params: list[torch.Tensor], first_call_index: int = 0) -> None:

@@ -123,7 +123,7 @@ def test_no_decay_biases_and_norms():
         (dict(betas=(0.9, 1.0)), ValueError, "betas\\[1\\] must be in"),
         (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be a positive"),
         (dict(backend="fast"), ValueError, "backend must be one of"),
-        (dict(process_group=object()), NotImplementedError, "process_group"),
+        (dict(process_group=object()), RuntimeError, "init_process_group"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
