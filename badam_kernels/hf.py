@@ -15,6 +15,7 @@ What the Trainer cannot see is a mismatch between its arguments and the optimize
 - update_in_backward=True updates parameters during backward, so the Trainer's clipping
   (`max_grad_norm`, 1.0 by default) would act on gradients already applied and freed: it must be 0;
   its `gradient_accumulation_steps` must equal the optimizer's; fp16 (a GradScaler) is refused.
+- A multi-process Trainer wraps the model in DDP, which cannot follow block switches: refused.
 - Clipping in both places (TrainingArguments.max_grad_norm and BlockAdamW(max_grad_norm=...))
   clips twice: refused, keep the Trainer's.
 
@@ -46,6 +47,13 @@ def check_training_arguments(args: TrainingArguments, optimizer: Any) -> None:
     optimizer = unwrap_optimizer(optimizer)
     if not isinstance(optimizer, BlockAdamW):
         raise TypeError(f"expected a BlockAdamW optimizer, got {type(optimizer).__name__}")
+    if args.world_size > 1:
+        raise ValueError(
+            f"the Trainer runs {args.world_size} processes and wraps the model in DistributedDataParallel, "
+            "which only syncs the parameters trainable when it wraps, so after the first block switch "
+            "the ranks would silently drift apart. For multi-GPU BAdam use a training loop with "
+            "BlockAdamW(model, ..., process_group=...) or FSDP2 (README, 'Multi-GPU')"
+        )
     if optimizer._update_in_backward:
         if args.max_grad_norm:
             raise ValueError(

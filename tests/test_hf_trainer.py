@@ -166,6 +166,14 @@ def test_update_in_backward_under_the_trainer(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_multi_process_trainer_is_refused(tmp_path, monkeypatch):
+    # world_size comes from the distributed environment; faking it is enough for the check.
+    trainer, _, optimizer = _trainer(_args(tmp_path))
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="DistributedDataParallel.*process_group"):
+        check_training_arguments(trainer.args, optimizer)
+
+
 @pytest.mark.parametrize(
     "args, options, message",
     [
