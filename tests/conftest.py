@@ -22,3 +22,14 @@ def target(request) -> Target:
     device, backend = request.param
     skip_unless_available(device, backend)
     return Target(torch.device(device), backend)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    they run fastest on one thread, and stay quick on a busy machine (two threads on
+    oversubscribed cores made them ~15x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

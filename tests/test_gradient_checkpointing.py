@@ -10,6 +10,7 @@ from llama_tiny import build_tiny_llama, text_batch
 from badam_kernels.optim import BlockAdamW
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore:.*fp32.*:UserWarning"),  # tiny fp32 model: exact comparisons
     pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning"),
     # Reentrant checkpoints of the frozen layers below the active one say so; nothing is lost.
@@ -17,16 +18,6 @@ pytestmark = [
 ]
 LAYERS, ACTIVE = 4, 2
 MODES = ["none", "reentrant", "non_reentrant"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, which also keeps them quick on a busy machine
-    (two threads on oversubscribed cores made these tests ~15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(mode: str, frozen_input: bool = False):

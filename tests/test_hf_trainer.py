@@ -13,18 +13,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from badam_kernels.hf import BlockAdamWCallback, check_training_arguments
 from badam_kernels.optim import BlockAdamW
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*fp32.*:UserWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:.*fp32.*:UserWarning"),
+]
 STEPS = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, which also keeps them quick on a busy machine
-    (two threads on oversubscribed cores made these tests ~15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ByteWindows(torch.utils.data.Dataset):

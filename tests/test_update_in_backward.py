@@ -12,17 +12,8 @@ from optim_models import make_net, net_loss, train
 
 from badam_kernels.optim import BlockAdamW
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONFIG = dict(lr=1e-2, weight_decay=0.1, switch_every=3, switch_mode="random", verbose=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, which also keeps them quick on a busy machine
-    (two threads on oversubscribed cores made these tests ~15x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _weights(model):
