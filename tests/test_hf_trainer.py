@@ -17,7 +17,8 @@ pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore:.*fp32.*:UserWarning"),
 ]
-STEPS = 10
+STEPS = 24  # optimizer steps of a full run: 8 block activations of switch_every=3
+SAVE_AT = 10  # a checkpoint one step into a block
 
 
 class ByteWindows(torch.utils.data.Dataset):
@@ -72,13 +73,13 @@ def _losses(trainer) -> dict[int, float]:
 
 
 def test_resume_from_checkpoint_is_bit_exact(tmp_path):
-    args = _args(tmp_path / "full", save_strategy="steps", save_steps=5)  # step 5: mid-block
+    args = _args(tmp_path / "full", save_strategy="steps", save_steps=SAVE_AT)
     full, full_model, full_optimizer = _trainer(args)
     start = [p.detach().clone() for p in full_model.parameters()]
     full.train()
 
     resumed, resumed_model, resumed_optimizer = _trainer(_args(tmp_path / "resumed"))
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-5"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{SAVE_AT}"))
 
     for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -86,9 +87,9 @@ def test_resume_from_checkpoint_is_bit_exact(tmp_path):
         sum(not torch.equal(a, b) for a, b in zip(start, full_model.parameters())) > 4
     )  # several blocks trained
     full_losses, resumed_losses = _losses(full), _losses(resumed)
-    # The resumed history holds steps 1-5 from the checkpoint's trainer_state.json, 6-10 anew.
+    # The resumed history holds the steps up to SAVE_AT from the checkpoint's trainer_state.json.
     assert set(resumed_losses) == set(range(1, STEPS + 1))
-    assert all(resumed_losses[s] == full_losses[s] for s in range(6, STEPS + 1))
+    assert all(resumed_losses[s] == full_losses[s] for s in range(SAVE_AT + 1, STEPS + 1))
     resumed_schedule = resumed_optimizer.state_dict()["block_schedule"]
     full_schedule = full_optimizer.state_dict()["block_schedule"]
     assert torch.equal(resumed_schedule.pop("rng_state"), full_schedule.pop("rng_state"))
