@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from badam_kernels.weak_hooks import weak_method_hook
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -212,7 +213,7 @@ class ActiveBlockGradientSync:
                 self._buckets.append(_Bucket([p]))
         self._bucket_of = {id(p): bucket for bucket in self._buckets for p in bucket.params}
         self._next_launch = 0
-        hook = _weak_grad_ready_hook(self)
+        hook = weak_method_hook(self, "_grad_ready")
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in active]
 
     def _verify_same_schedule(self, schedule: Any, device: torch.device) -> None:
@@ -318,19 +319,6 @@ class ActiveBlockGradientSync:
         self.bytes_last_step = self._bytes_this_step
         self._bytes_this_step = 0
 
-
-
-def _weak_grad_ready_hook(sync: ActiveBlockGradientSync):
-    """A hook that does not keep `sync` alive: parameters outlive optimizers, and the hooks of a
-    discarded optimizer must not go on launching collectives."""
-    reference = weakref.ref(sync)
-
-    def hook(p: torch.Tensor) -> None:
-        sync = reference()
-        if sync is not None:
-            sync._grad_ready(p)
-
-    return hook
 
 
 # ---- checkpoints (torch.distributed.checkpoint) ------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from badam_kernels.partition import (
     startswith,
 )
 from badam_kernels.schedule import BlockSchedule
+from badam_kernels.weak_hooks import weak_method_hook
 
 log = logging.getLogger("badam_kernels")
 
@@ -518,7 +518,7 @@ class BlockAdamW(Optimizer):
         active = self._active_params()
         if self._update_in_backward:
             self._active_index = {p: i for i, p in enumerate(active)}
-            hook = _weak_update_hook(self)
+            hook = weak_method_hook(self, "_update_from_backward")
             self._backward_hooks = tuple(p.register_post_accumulate_grad_hook(hook) for p in active)
         if self._backward_cut is not None:
             self._backward_cut.move_to(self._names[p] for p in active)
@@ -622,19 +622,6 @@ class BlockAdamW(Optimizer):
             "grad_bytes": grad_bytes,
             "active_numel": sum(p.numel() for p in self._active_params()),
         }
-
-
-def _weak_update_hook(optimizer: BlockAdamW) -> Callable[[torch.Tensor], None]:
-    """A post-accumulate-grad hook that does not keep `optimizer` alive: parameters outlive
-    optimizers, and a discarded optimizer must not go on updating the model."""
-    reference = weakref.ref(optimizer)
-
-    def hook(p: torch.Tensor) -> None:
-        optimizer = reference()
-        if optimizer is not None:
-            optimizer._update_from_backward(p)
-
-    return hook
 
 
 def _runs_fused(base: Optimizer) -> bool:
