@@ -9,7 +9,8 @@ import pytest
 import torch
 from optim_models import make_net, net_loss, train
 
-from badam_kernels.optim import BlockAdamW, BlockOptimizer
+from badam_kernels.badam_compat import BlockOptimizer
+from badam_kernels.optim import BlockAdamW
 from badam_kernels.partition import assign_blocks, infer_blocks, no_decay_names
 from badam_kernels.schedule import BlockSchedule
 

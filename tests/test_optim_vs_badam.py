@@ -13,7 +13,8 @@ import pytest
 import torch
 from llama_tiny import build_tiny_llama, causal_lm_loss
 
-from badam_kernels.optim import BlockAdamW, BlockOptimizer
+from badam_kernels.badam_compat import BlockOptimizer
+from badam_kernels.optim import BlockAdamW
 
 badam = pytest.importorskip("badam")
 
