@@ -83,14 +83,14 @@ def embedding_modules(model: nn.Module) -> set[str]:
     output_embeddings = module_or_none("get_output_embeddings")
     return {
         name
-        for name, module in model.named_modules()
+        for name, module in model.named_modules(remove_duplicate=False)  # shared modules under each name
         if (module is input_embeddings or isinstance(module, nn.Embedding))
         and module is not output_embeddings
     }
 
 
 def _role(name: str, embeddings: Collection[str]) -> str:
-    """ "layer", "embedding" or "head" (everything else outside the layers) for a parameter name."""
+    """Where a parameter name belongs: "layer", "embedding" or "head" (anything else)."""
     if LAYER_PREFIX.match(name):
         return "layer"
     if any(name.startswith(module + ".") for module in embeddings) or _is_embedding(name):

@@ -84,26 +84,6 @@ def test_second_optimizer_on_the_same_model_sees_every_block():
     assert second.num_blocks == 4 and _block_names(second)[:3] == _block_names(first)
 
 
-def test_drop_in_trains_frozen_parameters_like_badam():
-    badam = pytest.importorskip("badam")
-    flags = []
-    for cls in (badam.BlockOptimizer, BlockOptimizer):
-        model = make_net()
-        model.layers[2].fc.weight.requires_grad_(False)
-        cls(
-            torch.optim.AdamW(model.parameters(), lr=1e-3),
-            list(model.named_parameters()),
-            switch_mode="ascending",
-            start_block=2,
-            verbose=0,
-        )
-        flags.append([p.requires_grad for p in model.parameters()])
-    assert (
-        flags[0] == flags[1]
-        and flags[1][list(dict(make_net().named_parameters())).index("layers.2.fc.weight")]
-    )
-
-
 # ---- prefixes match whole name components ------------------------------------------------
 
 
