@@ -10,8 +10,16 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from badam_kernels.arguments import as_bool, as_int
 from badam_kernels.optim import BlockAdamW
-from badam_kernels.partition import assign_blocks, contains, infer_blocks_like_badam, named_parameters_of
+from badam_kernels.partition import (
+    BADAM_LAYER_PATTERN,
+    assign_blocks,
+    contains,
+    infer_blocks,
+    infer_blocks_like_badam,
+    named_parameters_of,
+)
 from badam_kernels.schedule import BlockSchedule
 
 
@@ -67,8 +75,14 @@ class BlockOptimizer(BlockAdamW):
             raise NotImplementedError("DeepSpeed ZeRO-3 is not supported by badam_kernels.BlockOptimizer")
         _, named = named_parameters_of(named_parameters_list)
         names = [name for name, _ in named]
+        include_embedding = as_bool("include_embedding", include_embedding)
+        include_lm_head = as_bool("include_lm_head", include_lm_head)
         if block_prefix_list is None:
             block_prefix_list = infer_blocks_like_badam(names, include_embedding, include_lm_head)
+            if not any(BADAM_LAYER_PATTERN.match(name) for name in names):
+                # badam finds no "layers.N." (GPT-2, T5, BERT) and crashes on its empty block list,
+                # or with include_lm_head trains everything as one block: infer per layer instead.
+                block_prefix_list = infer_blocks(names, include_embedding, include_lm_head)
         block_members, always_members = assign_blocks(
             names, block_prefix_list, active_modules, match=contains
         )
@@ -81,8 +95,9 @@ class BlockOptimizer(BlockAdamW):
             switch_block_every,
             switch_mode,
             start_block,
-            generator=None,
-            first_block_steps=max(1, switch_block_every - 1),
+            seed=None,
+            first_block_steps=max(1, as_int("switch_block_every", switch_block_every, low=1) - 1),
+            restart_same_block=True,
         )
         defaults = base_optimizer.defaults
         # badam builds its groups as {"weight_decay": ..., **defaults}: the defaults' weight decay
@@ -103,7 +118,6 @@ class BlockOptimizer(BlockAdamW):
             stochastic_rounding=False,
             max_grad_norm=None,
             backend="auto",
-            seed=0,
             verbose=verbose,
             log_fn=log_fn,
             reset_always_active=True,
@@ -167,6 +181,10 @@ class BlockOptimizer(BlockAdamW):
             self._sync_base_groups()
             state_dict["base_optimizer"] = self.base_optimizer.state_dict()
         return state_dict
+
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any]) -> None:
+        if self._fused:  # the generic path keeps only fp32 copies here, the rest in base_optimizer
+            super()._check_loaded_state(p, saved)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

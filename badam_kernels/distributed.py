@@ -367,6 +367,12 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoi
             value = None  # a Python value (the Adam step), replaced by the load
         saved_state.setdefault(index, {})[name] = value
     optimizer_state["state"] = saved_state
+    # Checkpoints written before BlockAdamW recorded its block layout and seed lack them; without
+    # these template entries DCP loads the rest and load_state_dict checks less, with a warning.
+    if not any(key.startswith("optimizer.block_layout.") for key in metadata.state_dict_metadata):
+        optimizer_state.pop("block_layout", None)
+    if "optimizer.block_schedule.seed" not in metadata.state_dict_metadata:
+        optimizer_state.get("block_schedule", {}).pop("seed", None)
     state = {"model": model.state_dict(), "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=checkpoint_id)
     model.load_state_dict(state["model"])

@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -103,7 +104,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _check_scalar(name: str, value, low: float, high: float, *, high_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     above = value >= high if high_open else value > high
@@ -143,7 +144,13 @@ def _check_tensor(name: str, i: int, t: torch.Tensor, numel: int, device: torch.
     if t.device != device:
         raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {device}")
     if not t.is_contiguous():
-        raise ValueError(f"{name}[{i}] is not contiguous; pass tensor.contiguous()")
+        if name == "grads":  # only read: a contiguous copy serves as well
+            raise ValueError(f"grads[{i}] is not contiguous; pass grads[{i}].contiguous()")
+        raise ValueError(
+            f"{name}[{i}] is not contiguous. It is updated in place, so a copy made by .contiguous() "
+            "would take the update and the tensor itself would not change: make the tensor itself "
+            "contiguous (allocate it contiguous; for a parameter, param.data = param.data.contiguous())"
+        )
 
 
 def validate_adamw_args(
@@ -168,7 +175,7 @@ def validate_adamw_args(
         if masters is None:
             raise ValueError(f"master_weights={master_weights!r} needs masters (one per param)")
         masters = _check_list("masters", masters, n)
-    if isinstance(step, bool) or not isinstance(step, int):
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an int, got {type(step).__name__}")
     if step < 1:
         raise ValueError(f"step must be >= 1 (the first step is 1), got {step}")
@@ -177,7 +184,7 @@ def validate_adamw_args(
     _check_scalar("beta2", beta2, 0.0, 1.0)
     _check_scalar("eps", eps, 0.0, math.inf)
     _check_scalar("weight_decay", weight_decay, 0.0, math.inf)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if not isinstance(stochastic_rounding, bool):
         raise TypeError(f"stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}")
@@ -355,7 +362,7 @@ def fused_adamw_(
     with torch.no_grad():
         op(
             params, grads, exp_avgs, exp_avg_sqs, masters, float(lr), float(beta1), float(beta2),
-            float(eps), float(weight_decay), step, master_weights, stochastic_rounding, seed,
+            float(eps), float(weight_decay), int(step), master_weights, stochastic_rounding, int(seed),
             grad_mul, found_inf,
         )  # fmt: skip
 

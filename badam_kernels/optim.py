@@ -10,7 +10,6 @@ is active; every step is one `fused_adamw_` call per (param group, device, dtype
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from badam_kernels.arguments import as_bool, as_float, as_int
 from badam_kernels.checkpointing import BackwardCut
 from badam_kernels.distributed import (
     ActiveBlockGradientSync,
@@ -27,13 +27,15 @@ from badam_kernels.distributed import (
     reject_ddp,
     sum_of_squares_over_shards,
 )
-from badam_kernels.ops import BACKENDS, fused_adamw_, grad_norm
+from badam_kernels.ops import BACKENDS, fused_adamw_, grad_norm, resolve_backend
 from badam_kernels.partition import (
     assign_blocks,
+    embedding_modules,
     infer_blocks,
+    matches_components,
     named_parameters_of,
     no_decay_names,
-    startswith,
+    tied_aliases,
 )
 from badam_kernels.schedule import BlockSchedule
 from badam_kernels.weak_hooks import weak_method_hook
@@ -41,6 +43,7 @@ from badam_kernels.weak_hooks import weak_method_hook
 log = logging.getLogger("badam_kernels")
 
 MASTER_WEIGHTS = ("auto", "remainder", "fp32", "none")
+MASTER_KEYS = {"fp32": "master", "remainder": "remainder"}  # the state entry each mode keeps
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm
 NO_GRAD_MESSAGE = (
     "step() found no gradient on any parameter of the active block ({names}). Likely causes: "
@@ -56,43 +59,49 @@ ACCUMULATION_OVERRUN_MESSAGE = (
 )
 
 
-def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    def check(name, value, high=math.inf):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if math.isnan(value) or not 0.0 <= value < high:
-            raise ValueError(f"{name} must be in [0, {high}), got {value}")
-
-    check("lr", lr)
-    if not isinstance(betas, Sequence) or len(betas) != 2:
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> tuple[float, tuple[float, float], float, float]:
+    """The hyperparameters as Python floats (numpy scalars would not survive a weights_only load
+    of the state dict), or a clear error."""
+    if isinstance(betas, str) or not isinstance(betas, Sequence) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check("betas[0]", betas[0], 1.0)
-    check("betas[1]", betas[1], 1.0)
-    check("eps", eps)
-    check("weight_decay", weight_decay)
+    return (
+        as_float("lr", lr),
+        (as_float("betas[0]", betas[0], high=1.0), as_float("betas[1]", betas[1], high=1.0)),
+        as_float("eps", eps),
+        as_float("weight_decay", weight_decay),
+    )
 
 
-def _master_modes(master_weights: str, stochastic_rounding: bool, dtypes: set[torch.dtype]) -> dict:
-    """The master mode for each parameter dtype; fp32 parameters are their own master."""
+def master_mode(master_weights: str, stochastic_rounding: bool, dtype: torch.dtype) -> str:
+    """The master mode the kernel runs for parameters of `dtype` (fp32 ones are their own master).
+    Raises ValueError/TypeError where `master_weights` does not fit the dtype."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"parameters must be bf16, fp16 or fp32, found {dtype}")
+    if dtype == torch.float32:
+        return "none"
+    if master_weights == "auto":
+        return "remainder" if dtype == torch.bfloat16 else "fp32"
+    if master_weights == "remainder" and dtype != torch.bfloat16:
+        raise ValueError(f"master_weights='remainder' needs bf16 parameters, found {dtype}; use 'fp32'")
+    if stochastic_rounding and dtype != torch.bfloat16:
+        raise ValueError(f"stochastic_rounding needs bf16 parameters, found {dtype}")
+    return master_weights
+
+
+def _check_master_options(master_weights: str, stochastic_rounding: bool, dtypes: set[torch.dtype]) -> None:
+    """Refuse master options that contradict each other or the dtypes; warn where they do nothing."""
     if master_weights not in MASTER_WEIGHTS:
         raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {master_weights!r}")
     if stochastic_rounding and master_weights != "none":
         raise ValueError("stochastic_rounding=True needs master_weights='none' (masters are exact already)")
-    modes = {}
     for dtype in dtypes:
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise TypeError(f"parameters must be bf16, fp16 or fp32, found {dtype}")
-        if dtype == torch.float32:
-            modes[dtype] = "none"
-        elif master_weights == "auto":
-            modes[dtype] = "remainder" if dtype == torch.bfloat16 else "fp32"
-        elif master_weights == "remainder" and dtype != torch.bfloat16:
-            raise ValueError(f"master_weights='remainder' needs bf16 parameters, found {dtype}; use 'fp32'")
-        elif stochastic_rounding and dtype != torch.bfloat16:
-            raise ValueError(f"stochastic_rounding needs bf16 parameters, found {dtype}")
-        else:
-            modes[dtype] = master_weights
-    return modes
+        master_mode(master_weights, stochastic_rounding, dtype)
+    if dtypes == {torch.float32} and (stochastic_rounding or master_weights in ("fp32", "remainder")):
+        option = "stochastic_rounding=True" if stochastic_rounding else f"master_weights={master_weights!r}"
+        warnings.warn(
+            f"{option} has no effect: every trainable parameter is fp32, its own exact master",
+            stacklevel=4,
+        )
 
 
 def _mix_seed(seed: int, global_step: int, call_index: int) -> int:
@@ -101,10 +110,70 @@ def _mix_seed(seed: int, global_step: int, call_index: int) -> int:
     return (seed + 0x9E3779B97F4A7C15 * (global_step + 1) + 0xBF58476D1CE4E5B9 * call_index) % 2**63
 
 
+# Parameters whose requires_grad a block optimizer turned off (inactive blocks, parameters outside
+# every block). Only they count as trainable when a later BlockAdamW is built on the same model:
+# any other parameter with requires_grad=False was frozen by the user and stays frozen. (One
+# that the user freezes again while an optimizer holds it frozen cannot be told apart.)
+_FROZEN_BY_OPTIMIZER = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def user_frozen(named: Sequence[tuple[str, torch.Tensor]]) -> set[str]:
+    """Names of the parameters the user froze (requires_grad=False, not by a block optimizer)."""
+    return {name for name, p in named if not p.requires_grad and p not in _FROZEN_BY_OPTIMIZER}
+
+
+def _freeze(p: torch.Tensor) -> None:
+    if p.requires_grad:
+        _FROZEN_BY_OPTIMIZER[p] = True
+        p.requires_grad_(False)
+    p.grad = None
+
+
+def _unfreeze(p: torch.Tensor) -> None:
+    _FROZEN_BY_OPTIMIZER.pop(p, None)
+    p.requires_grad_(True)
+
+
 def _flat(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """1-D views of contiguous tensors (of the local shard, for FSDP2's DTensors): the kernels'
     in-place writes land in the originals."""
     return [local_tensor(t).view(-1) for t in tensors]
+
+
+def _check_same_layout(saved: dict[str, list], here: dict[str, list]) -> None:
+    """Raise ValueError naming the first difference between a saved layout and this optimizer's."""
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"cannot load this state dict: {what}; it was saved for another model or blocks")
+
+    def first_difference(a: list, b: list) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    def describe(what: str, saved_items: list, items: list) -> str:
+        i = first_difference(saved_items, items)
+        if i < min(len(saved_items), len(items)):
+            return f"its {what} {i} is {saved_items[i]!r}, this optimizer's is {items[i]!r}"
+        where, extra = (
+            ("the state dict", saved_items[i]) if i < len(saved_items) else ("this optimizer", items[i])
+        )
+        return (
+            f"it has {len(saved_items)} {what}s, this optimizer {len(items)} ({extra!r} is only in {where})"
+        )
+
+    if saved["names"] != here["names"]:
+        refuse(describe("parameter", saved["names"], here["names"]))
+    for key, what in (("shapes", "shape"), ("dtypes", "dtype")):
+        if saved[key] != here[key]:
+            i = first_difference(saved[key], here[key])
+            refuse(
+                f"parameter {here['names'][i]!r} was saved with {what} {saved[key][i]}, this optimizer's has "
+                f"{here[key][i]}"
+            )
+    if len(saved["blocks"]) != len(here["blocks"]):
+        refuse(f"it has {len(saved['blocks'])} blocks, this optimizer {len(here['blocks'])}")
+    for b, (saved_block, block) in enumerate(zip(saved["blocks"], here["blocks"])):
+        if saved_block != block:
+            refuse(describe(f"blocks[{b}] parameter", saved_block, block))
 
 
 class BlockAdamW(Optimizer):
@@ -116,13 +185,21 @@ class BlockAdamW(Optimizer):
             weights get none). Read from `param_groups` at every step, so LR schedulers work.
         switch_every: steps each block stays active.
         switch_mode: "random" (a new permutation each pass, from `seed`, independent of torch's
-            global RNG), "ascending", "descending" or "fixed".
+            global RNG), "ascending", "descending" or "fixed" (one block, one continuous AdamW run).
         blocks: lists of name prefixes, one list per block; default one block per transformer
-            layer (Llama, GPT-2, BERT, T5 naming).
+            layer (Llama, GPT-2, BERT, T5 naming). A prefix selects whole name components:
+            "model.layers.1" selects "model.layers.1.mlp.up_proj.weight", not layer 10's.
         include_embedding, include_lm_head: add the embedding / the head (lm_head, final norm)
-            as blocks of their own when blocks are inferred.
+            as blocks of their own when blocks are inferred. Given the model, the embedding is
+            found by structure (get_input_embeddings(), nn.Embedding); a weight tied between the
+            two trains in the embedding block, or in the head block without include_embedding.
         always_active: name prefixes trained at every step, outside the blocks.
-        start_block: index of the first block.
+            Prefixes also select tied weights by their other name ("lm_head" with
+            tie_word_embeddings, a warning names the parameter it is tied to). Parameters frozen
+            (requires_grad=False) before the optimizer is built are in no block and stay frozen;
+            a prefix that selects only frozen parameters is an error.
+        start_block: index of the first block (in random mode, the first pass then visits the
+            other blocks once each in random order).
         master_weights: "auto" ("remainder" for bf16, "fp32" for fp16), "remainder", "fp32" or
             "none" (update the low-precision weight directly; see stochastic_rounding).
         stochastic_rounding: with master_weights="none", round bf16 results stochastically.
@@ -149,7 +226,8 @@ class BlockAdamW(Optimizer):
             `optimizer.gradient_sync` then counts the bytes and offers no_sync()). Leave None
             with FSDP2 (fully_shard), which reduces the gradients itself.
 
-    A newly active block starts with fresh Adam state (step 1), like badam. With a GradScaler
+    A newly active block starts with fresh Adam state (step 1), like badam; a block that stays
+    active across a switch (fixed mode, a single block) keeps its state. With a GradScaler
     a skipped (inf) step writes nothing but still counts towards the schedule and Adam's step,
     because skipping is decided on the device without a host sync.
 
@@ -200,18 +278,34 @@ class BlockAdamW(Optimizer):
     ) -> None:
         model, named = named_parameters_of(model_or_named_params)
         reject_ddp(model_or_named_params, [name for name, _ in named])
+        update_in_backward = as_bool("update_in_backward", update_in_backward)
+        truncate_backward = as_bool("truncate_backward", truncate_backward)
         self._configure_backward(
             update_in_backward, gradient_accumulation_steps, max_grad_norm, process_group,
             BackwardCut(model) if truncate_backward and model is not None else None,
         )  # fmt: skip
         names = [name for name, _ in named]
+        include_embedding = as_bool("include_embedding", include_embedding)
+        include_lm_head = as_bool("include_lm_head", include_lm_head)
+        frozen = user_frozen(named)
+        if len(frozen) == len(names):
+            raise ValueError("every parameter is frozen (requires_grad=False): there is nothing to train")
+        aliases = None if model is None else tied_aliases(model)
         if blocks is None:
-            blocks = infer_blocks(names, include_embedding, include_lm_head)
-        block_members, always_members = assign_blocks(names, blocks, always_active, match=startswith)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        generator = torch.Generator().manual_seed(seed)
-        schedule = BlockSchedule(len(block_members), switch_every, switch_mode, start_block, generator)
+            blocks = infer_blocks(
+                names,
+                include_embedding,
+                include_lm_head,
+                aliases=aliases,
+                embeddings=() if model is None else embedding_modules(model),
+                frozen=frozen,
+            )
+        block_members, always_members = assign_blocks(
+            names, blocks, always_active, match=matches_components, aliases=aliases, frozen=frozen
+        )
+        schedule = BlockSchedule(
+            len(block_members), switch_every, switch_mode, start_block, seed=as_int("seed", seed, 0, 2**63)
+        )
         if process_group is not None:  # before _setup, whose first block activation it watches
             self.gradient_sync = ActiveBlockGradientSync(process_group, named, model)
         self._setup(
@@ -229,7 +323,6 @@ class BlockAdamW(Optimizer):
             stochastic_rounding=stochastic_rounding,
             max_grad_norm=max_grad_norm,
             backend=backend,
-            seed=seed,
             verbose=verbose,
             log_fn=None,
             reset_always_active=False,
@@ -254,18 +347,22 @@ class BlockAdamW(Optimizer):
         stochastic_rounding,
         max_grad_norm,
         backend,
-        seed,
         verbose,
         log_fn,
         reset_always_active,
         extra_defaults=None,
     ) -> None:
         """Shared by both classes: validate, build the two param groups, activate the first block."""
-        _check_hyperparameters(lr, betas, eps, weight_decay)
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        lr, betas, eps, weight_decay = _check_hyperparameters(lr, betas, eps, weight_decay)
+        no_decay_weight_decay = as_float("weight_decay", no_decay_weight_decay)
+        if max_grad_norm is not None:
+            max_grad_norm = as_float("max_grad_norm", max_grad_norm)
+            if max_grad_norm == 0:
+                raise ValueError("max_grad_norm must be a positive float or None, got 0.0")
+        verbose = as_int("verbose", int(verbose) if isinstance(verbose, bool) else verbose, low=0)
+        if log_fn is not None and not callable(log_fn):
+            raise TypeError(f"log_fn must be callable or None, got {type(log_fn).__name__}")
+        stochastic_rounding = as_bool("stochastic_rounding", stochastic_rounding)
         trainable = sorted({i for block in block_members for i in block} | set(always_members))
         for i in trainable:
             name, p = named[i]
@@ -273,12 +370,13 @@ class BlockAdamW(Optimizer):
                 raise ValueError(f"parameter {name!r} is not a leaf tensor")
             if not p.is_contiguous():
                 raise ValueError(
-                    f"parameter {name!r} is not contiguous; the fused kernels need contiguous weights"
+                    f"parameter {name!r} is not contiguous; the fused kernels update weights in place and "
+                    "need them contiguous: make the parameter itself contiguous before building the "
+                    "optimizer (param.data = param.data.contiguous())"
                 )
         self._names = {named[i][1]: named[i][0] for i in trainable}
-        self._master_modes = _master_modes(
-            master_weights, stochastic_rounding, {named[i][1].dtype for i in trainable}
-        )
+        _check_master_options(master_weights, stochastic_rounding, {named[i][1].dtype for i in trainable})
+        self._check_backend(backend, {named[i][1].device for i in trainable})
         fp32_names = [named[i][0] for i in trainable if named[i][1].dtype == torch.float32]
         if fp32_names:
             warnings.warn(
@@ -289,10 +387,11 @@ class BlockAdamW(Optimizer):
         self._blocks = [[named[i][1] for i in block] for block in block_members]
         self._always_active = [named[i][1] for i in always_members]
         self._schedule = schedule
+        self._master_weights = master_weights
+        self._master_modes: dict[torch.dtype, str] = {}  # filled per dtype at the first step that meets it
         self._stochastic_rounding = stochastic_rounding
-        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._max_grad_norm = max_grad_norm
         self._backend = backend
-        self._seed = seed
         self._reset_always_active = reset_always_active
         self.verbose = verbose
         self._log_fn = log_fn or log.info
@@ -305,7 +404,7 @@ class BlockAdamW(Optimizer):
         defaults = {
             **(extra_defaults or {}),
             "lr": lr,
-            "betas": tuple(betas),
+            "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
         }
@@ -314,9 +413,17 @@ class BlockAdamW(Optimizer):
         self._constructing = False
         for _, p in named:
             if p not in self._names:  # neither in a block nor always active: frozen, as in badam
-                p.requires_grad_(False)
-                p.grad = None
+                _freeze(p)
         self._activate(self._schedule.current, first=True)
+
+    @staticmethod
+    def _check_backend(backend: str, devices: set[torch.device]) -> None:
+        """Refuse at construction a backend that cannot run on the parameters' devices."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for device in devices:
+            if device.type != "meta":
+                resolve_backend(backend, device)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused after construction: blocks are fixed when the optimizer is built."""
@@ -350,11 +457,14 @@ class BlockAdamW(Optimizer):
         active = set(self._blocks[block])
         for params in self._blocks:
             for p in params:
-                p.requires_grad_(p in active)
+                if p in active:
+                    _unfreeze(p)
+                else:
+                    _freeze(p)
                 p.grad = None
                 self._release(p)
         for p in self._always_active:
-            p.requires_grad_(True)
+            _unfreeze(p)
             if self._reset_always_active and not first:
                 self._release(p)
         if self.verbose >= 1:
@@ -421,24 +531,53 @@ class BlockAdamW(Optimizer):
         grad_mul = (self._max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
         return (grad_mul if inv_scale is None else grad_mul * inv_scale), found_inf
 
+    def _master_mode(self, p: torch.Tensor) -> str:
+        """The master mode for `p`'s dtype, resolved with the constructor's rules the first time a
+        step meets that dtype: the model's dtype may change after construction (model.to(...))."""
+        mode = self._master_modes.get(p.dtype)
+        if mode is None:
+            try:
+                mode = master_mode(self._master_weights, self._stochastic_rounding, p.dtype)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(
+                    f"parameter {self._names[p]!r} is {p.dtype} now: {exc}. Its dtype changed after the "
+                    "optimizer was built; build the optimizer after converting the model"
+                ) from None
+            self._master_modes[p.dtype] = mode
+        return mode
+
     def _state_of(self, p: torch.Tensor) -> dict[str, Any]:
         """The Adam state of `p`, allocated at its block's first step."""
         state = self.state[p]
+        mode = self._master_mode(p)
         if not state:
             state["step"] = 0
             # zeros_like: a DTensor parameter (FSDP2) gets state sharded like it, for DCP.
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            mode = self._master_modes[p.dtype]
             if mode == "fp32":
                 state["master"] = p.detach().to(torch.float32, copy=True)
             elif mode == "remainder":  # remainder 0: the master starts at the bf16 value, as in badam
                 state["remainder"] = torch.zeros_like(p, dtype=torch.int16)
+        elif {key for key in MASTER_KEYS.values() if key in state} != {MASTER_KEYS.get(mode)} - {None}:
+            raise RuntimeError(
+                f"parameter {self._names[p]!r} is {p.dtype} now, but its Adam state was made for another "
+                f"dtype (it holds {sorted(state)}, {p.dtype} needs master_weights={mode!r}): its dtype "
+                "changed while its block was active. Convert the model before building the optimizer"
+            )
         return state
 
     def _update(self, params: list[torch.Tensor], first_call_index: int = 0) -> None:
         """One fused call per (param group, device, dtype, Adam step) over the params with grads;
         calls are numbered from `first_call_index` to give each its own stochastic-rounding seed."""
+        for p in params:  # every check before the first state changes
+            if not local_tensor(p).is_contiguous():
+                raise ValueError(
+                    f"parameter {self._names[p]!r} is no longer contiguous (its layout changed after the "
+                    "optimizer was built, e.g. model.to(memory_format=...)); the fused kernels update it in "
+                    "place: make the parameter itself contiguous again"
+                )
+            self._state_of(p)
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         grad_of = dict(zip(params, grads))
         grad_mul, found_inf = self._grad_multiplier(grads)
@@ -446,14 +585,14 @@ class BlockAdamW(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p in grad_of:
-                    state = self._state_of(p)
+                    state = self.state[p]
                     state["step"] += 1
                     calls[(group_index, p.device, p.dtype, state["step"])].append(p)
         for call_index, ((group_index, device, dtype, step), ps) in enumerate(calls.items()):
             group = self.param_groups[group_index]
-            mode = self._master_modes[dtype]
+            mode = self._master_mode(ps[0])
             states = [self.state[p] for p in ps]
-            master_key = {"fp32": "master", "remainder": "remainder"}.get(mode)
+            master_key = MASTER_KEYS.get(mode)
             fused_adamw_(
                 _flat(ps),
                 _flat(grad_of[p] for p in ps),
@@ -468,7 +607,9 @@ class BlockAdamW(Optimizer):
                 master_weights=mode,
                 masters=None if master_key is None else _flat(s[master_key] for s in states),
                 stochastic_rounding=self._stochastic_rounding and dtype == torch.bfloat16,
-                seed=_mix_seed(self._seed, self._schedule.global_step, first_call_index + call_index),
+                seed=_mix_seed(
+                    self._schedule.seed or 0, self._schedule.global_step, first_call_index + call_index
+                ),
                 grad_mul=None if grad_mul is None else grad_mul.to(device),
                 found_inf=None if found_inf is None else found_inf.to(device).float().reshape(()),
                 backend=self._backend,
@@ -485,9 +626,7 @@ class BlockAdamW(Optimizer):
         backward_cut: BackwardCut | None,
     ) -> None:
         """Validate the update_in_backward options; refuse what that mode cannot honour."""
-        steps = gradient_accumulation_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {steps!r}")
+        steps = as_int("gradient_accumulation_steps", gradient_accumulation_steps, low=1)
         if steps > 1 and not update_in_backward:
             raise ValueError(
                 "gradient_accumulation_steps is only used with update_in_backward=True; in the normal "
@@ -563,30 +702,65 @@ class BlockAdamW(Optimizer):
     # ---- checkpoints and introspection ----------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state dict plus the block schedule under "block_schedule"."""
+        """torch's optimizer state dict plus the block schedule under "block_schedule" and, under
+        "block_layout", what a loading optimizer must match (see `load_state_dict`)."""
         state_dict = super().state_dict()
         state_dict["block_schedule"] = self._schedule.state_dict()
+        state_dict["block_layout"] = self._layout()
         return state_dict
+
+    def _layout(self) -> dict[str, list]:
+        """Parameter names, shapes and dtypes in state-dict index order, and the blocks by name
+        (the always-active parameters are the names in no block)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {
+            "names": [self._names[p] for p in params],
+            "shapes": [list(p.shape) for p in params],
+            "dtypes": [str(p.dtype).removeprefix("torch.") for p in params],
+            "blocks": [[self._names[p] for p in block] for block in self._blocks],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore Adam state, masters, hyperparameters and the schedule, keeping the fp32/int16
-        state dtypes (torch's loader would cast them to the parameter dtype)."""
+        state dtypes (torch's loader would cast them to the parameter dtype).
+
+        The state dict must come from an optimizer with the same parameters (names, shapes,
+        dtypes), blocks and always-active parameters; otherwise ValueError names the first
+        difference and nothing is loaded. The saved schedule wins over the constructor's
+        switch_every and seed (with a warning where they differ); hyperparameters come from the
+        saved param groups, as with torch's optimizers. State dicts saved before the layout was
+        recorded still load, with fewer checks and a warning."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
+        if "block_schedule" not in state_dict:
+            raise ValueError("the state dict has no 'block_schedule': it was not saved by BlockAdamW")
+        if "block_layout" in state_dict:
+            _check_same_layout(state_dict["block_layout"], self._layout())
+        else:
+            warnings.warn(
+                "this state dict was saved without 'block_layout' (by an older badam_kernels): only its "
+                "parameter counts and state shapes can be checked against this optimizer",
+                stacklevel=2,
+            )
         saved_groups = state_dict["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(
-                "the saved state dict has param groups of sizes "
+                "cannot load this state dict: it has param groups of sizes "
                 f"{[len(g['params']) for g in saved_groups]}, this optimizer has "
                 f"{[len(g['params']) for g in self.param_groups]}: it was saved for other parameters"
             )
-        if "block_schedule" not in state_dict:
-            raise ValueError("the state dict has no 'block_schedule': it was not saved by BlockAdamW")
         param_of = {
             index: p
             for saved, group in zip(saved_groups, self.param_groups)
             for index, p in zip(saved["params"], group["params"])
         }
+        for index, saved in state_dict["state"].items():
+            if index not in param_of:
+                raise ValueError(
+                    f"cannot load this state dict: it has state for parameter {index!r}, "
+                    "which none of its param groups lists"
+                )
+            self._check_loaded_state(param_of[index], saved)
         self._schedule.load_state_dict(state_dict["block_schedule"])
         self._activate(self._schedule.current, first=True)
         self.state = defaultdict(dict)
@@ -600,6 +774,25 @@ class BlockAdamW(Optimizer):
             group.update({key: value for key, value in saved.items() if key != "params"})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any]) -> None:
+        """Refuse saved Adam state this optimizer could not continue: tensors of another shape,
+        or a master kept in another form than this optimizer's master mode for `p`."""
+        name = self._names[p]
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                raise ValueError(
+                    f"cannot load this state dict: the saved {key} of {name!r} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                )
+        mode = self._master_mode(p)
+        held = {key for key in MASTER_KEYS.values() if key in saved}
+        if held != {MASTER_KEYS.get(mode)} - {None}:
+            raise ValueError(
+                f"cannot load this state dict: the saved state of {name!r} holds {sorted(saved)}, but this "
+                f"optimizer keeps {p.dtype} parameters with master_weights={mode!r}; build it with the "
+                "master_weights of the saved run"
+            )
 
     def memory_summary(self) -> dict[str, int]:
         """Bytes held now: Adam state (exp_avg, exp_avg_sq), masters/remainders, gradients, and the

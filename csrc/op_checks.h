@@ -41,7 +41,11 @@ inline void check_tensor(const char* name, size_t i, const at::Tensor& t, int64_
   TORCH_CHECK_VALUE(t.numel() == numel, name, "[", i, "] has ", t.numel(), " elements but params[", i, "] has ",
                     numel);
   TORCH_CHECK_VALUE(t.device() == device, name, "[", i, "] is on ", t.device(), " but params[0] is on ", device);
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, "[", i, "] is not contiguous; pass tensor.contiguous()");
+  // Not "pass tensor.contiguous()": params, state and masters are updated in place, and a copy
+  // would take the update while the caller's tensor stayed unchanged.
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, "[", i, "] is not contiguous; the op needs contiguous tensors and ",
+                    "updates params, state and masters in place: make those tensors themselves contiguous ",
+                    "(a .contiguous() copy would take the update)");
 }
 
 // grad_mul / found_inf: absent, or a 0-dim fp32 tensor on the params' device.

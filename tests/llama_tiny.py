@@ -18,8 +18,10 @@ def build_tiny_llama(
     num_layers: int = 4,
     hidden: int = 64,
     attention_bias: bool = False,
+    tie_word_embeddings: bool = False,
 ):
-    """A randomly initialised LlamaForCausalLM (vocab 256) in `dtype`, the same for the same seed."""
+    """A randomly initialised LlamaForCausalLM (vocab 256) in `dtype`, the same for the same seed;
+    with tie_word_embeddings, lm_head.weight is model.embed_tokens.weight."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -31,7 +33,7 @@ def build_tiny_llama(
         num_key_value_heads=2,
         max_position_embeddings=256,
         attention_bias=attention_bias,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype)

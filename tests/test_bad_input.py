@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from backend_targets import skip_unless_available
@@ -62,12 +63,25 @@ BAD_CASES = {
         ValueError,
         r"grads\[1\] is on meta but params\[0\] is on cpu",
     ),
+    # An in-place op must not advise `.contiguous()`: the copy would take the update.
     "non-contiguous": (
         lambda a: replace_tensor(
             a, "params", 0, lambda d: torch.zeros(2 * N, dtype=torch.bfloat16, device=d)[::2]
         ),
         ValueError,
-        r"params\[0\] is not contiguous",
+        r"params\[0\] is not contiguous. It is updated in place.*make the tensor itself contiguous",
+    ),
+    "non-contiguous state": (
+        lambda a: replace_tensor(a, "exp_avgs", 1, lambda d: torch.zeros(2 * N, device=d)[::2]),
+        ValueError,
+        r"exp_avgs\[1\] is not contiguous. It is updated in place",
+    ),
+    "non-contiguous grad": (
+        lambda a: replace_tensor(
+            a, "grads", 1, lambda d: torch.ones(2 * N, dtype=torch.bfloat16, device=d)[::2]
+        ),
+        ValueError,
+        r"grads\[1\] is not contiguous; pass grads\[1\].contiguous\(\)",
     ),
     "state not fp32": (
         lambda a: replace_tensor(
@@ -138,6 +152,21 @@ def test_public_api_rejects(case):
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "a rejected call must not write"
 
 
+def test_numpy_scalars_accepted():
+    """np.int64 steps and np.float32 hyperparameters work like Python numbers."""
+    args = valid_args()
+    reference = valid_args()
+    numpy_scalars = {
+        "step": np.int64(1),
+        "lr": np.float64(1e-3),
+        "beta1": np.float32(0.5),
+        "seed": np.int64(3),
+    }
+    badam_kernels.fused_adamw_(**{**args, **numpy_scalars})
+    badam_kernels.fused_adamw_(**{**reference, "beta1": 0.5, "seed": 3})
+    torch.testing.assert_close(args["params"], reference["params"], rtol=0, atol=0)
+
+
 def test_unknown_backend_rejected_even_with_no_tensors():
     with pytest.raises(ValueError, match="backend must be one of"):
         badam_kernels.fused_adamw_([], [], [], [], lr=1e-3, step=1, backend="tpu")
@@ -158,7 +187,7 @@ def call_cpp_op(args: dict) -> None:
 CPP_BAD_CASES = {
     "list lengths differ": "grads has 1 tensors but params has 2",
     "numel differs": r"exp_avgs\[1\] has 9 elements",
-    "non-contiguous": r"params\[0\] is not contiguous",
+    "non-contiguous": r"params\[0\] is not contiguous.*make those tensors themselves contiguous",
     "state not fp32": r"exp_avg_sqs\[0\] has dtype",
     "remainder with fp16": "'remainder' needs bf16 params",
     "remainder with fp32": "'remainder' needs bf16 params",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from llama_tiny import build_tiny_llama, causal_lm_loss
+from optim_models import make_net
 
 from badam_kernels.badam_compat import BlockOptimizer
 from badam_kernels.optim import BlockAdamW
@@ -143,3 +144,22 @@ def test_block_adamw_master_modes_against_badam(backend):
     params_theirs, params_none = dict(theirs.named_parameters()), dict(none.named_parameters())
     differing = sum((params_theirs[n] != params_none[n]).sum().item() for n in layer)
     assert differing > 0.5 * sum(params_theirs[n].numel() for n in layer)
+
+
+def test_drop_in_trains_frozen_parameters_like_badam():
+    """badam sets requires_grad on every parameter of the active block, frozen or not."""
+    flags = []
+    for cls in (badam.BlockOptimizer, BlockOptimizer):
+        model = make_net()
+        model.layers[2].fc.weight.requires_grad_(False)
+        cls(
+            torch.optim.AdamW(model.parameters(), lr=1e-3),
+            list(model.named_parameters()),
+            switch_mode="ascending",
+            start_block=2,
+            verbose=0,
+        )
+        flags.append([p.requires_grad for p in model.parameters()])
+    assert flags[0] == flags[1]
+    names = [name for name, _ in make_net().named_parameters()]
+    assert flags[1][names.index("layers.2.fc.weight")]  # the frozen weight trains in its block
