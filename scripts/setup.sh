@@ -3,7 +3,8 @@
 #   bash scripts/setup.sh                  .venv:        the newest supported stack (requirements.txt)
 #   bash scripts/setup.sh --stack oldest   .venv-oldest: the oldest (requirements-oldest.txt), whose torch
 #                                          has CUDA: the CUDA kernels are built too when a CUDA 13 toolkit is found
-# Idempotent: a second run only rebuilds what changed. PYTHON selects the interpreter for a new venv.
+# Idempotent: a second run keeps the venv and rebuilds the extension (pip builds it in a fresh temporary
+# folder, so every run compiles it whole). PYTHON selects the interpreter for a new venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stacks.sh "$@"
