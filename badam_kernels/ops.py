@@ -12,11 +12,14 @@ The compiled extension is optional: without it the "torch" and "triton" backends
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
 import math
 import numbers
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -33,12 +36,20 @@ except ImportError as exc:  # a pure-Python install: torch and triton backends o
     EXTENSION_ERROR = str(exc)
     log.info("badam_kernels: compiled extension not available (%s)", exc)
 
+try:  # written by setup.py at build time, one per Python: whether the CUDA kernels were built, and why not
+    _build_info = importlib.import_module(
+        "badam_kernels._build_info_" + sys.implementation.cache_tag.replace("-", "_")
+    )
+except ImportError:  # not built by setup.py (CMake, or not built at all)
+    _build_info = None
+
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 MASTER_MODES = ("none", "fp32", "remainder")
 PARAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BUILD_HINT = (
     "build the extension with `pip install --no-build-isolation -e .` "
-    "(CUDA kernels need a CUDA build of torch and nvcc on the PATH)"
+    "(CUDA kernels need a CUDA build of torch and a CUDA toolkit of the same major version; "
+    "`pip install -v` shows the build's decision)"
 )
 
 
@@ -63,12 +74,35 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def missing_kernels_reason(backend: str) -> str:
+    """Why the compiled `backend` ("cpu" or "cuda") has no kernels in this installation."""
+    if EXTENSION_ERROR is not None:
+        return f"the compiled extension did not load: {EXTENSION_ERROR}"
+    if backend == "cuda" and _build_info is not None and not _build_info.CUDA_KERNELS:
+        return _build_info.CUDA_REASON  # recorded by setup.py, e.g. no toolkit of torch's CUDA version
+    return f"the extension was built without {backend.upper()} kernels"
+
+
+@functools.cache
+def _warn_missing_cuda_kernels(reason: str) -> None:
+    """Once per process and reason: a CUDA torch running without our CUDA kernels is slower than it
+    should be, and the reason (recorded at build time) is the fix."""
+    warnings.warn(f"badam_kernels: the 'cuda' backend is not available: {reason}", stacklevel=3)
+
+
 def available_backends(device: torch.device | str) -> list[str]:
-    """Backends that can run on tensors of `device`, fastest first (the "auto" order)."""
+    """Backends that can run on tensors of `device`, fastest first (the "auto" order).
+
+    For a CUDA device on a CUDA build of torch whose extension lacks the CUDA kernels, warns once
+    with the reason recorded when the extension was built (e.g. no CUDA toolkit of torch's version).
+    """
     device = torch.device(device)
     found = []
-    if device.type == "cuda" and _has_cpp_kernel("fused_adamw_", "CUDA"):
-        found.append("cuda")
+    if device.type == "cuda":
+        if _has_cpp_kernel("fused_adamw_", "CUDA"):
+            found.append("cuda")
+        elif torch.version.cuda is not None and (_build_info is None or _build_info.CUDA_WARN):
+            _warn_missing_cuda_kernels(missing_kernels_reason("cuda"))
     if device.type == "cpu" and _has_cpp_kernel("fused_adamw_", "CPU"):
         found.append("cpu")
     if triton_usable(device):
@@ -90,8 +124,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend in ("cpu", "cuda"):
         if backend != device.type:
             raise ValueError(f"backend {backend!r} cannot run tensors on {device}")
-        why = EXTENSION_ERROR or f"the extension was built without {backend.upper()} kernels"
-        raise RuntimeError(f"backend {backend!r} is not available ({why}); {_BUILD_HINT}")
+        raise RuntimeError(
+            f"backend {backend!r} is not available ({missing_kernels_reason(backend)}); {_BUILD_HINT}"
+        )
     if not triton_installed():
         raise RuntimeError("backend 'triton' needs the triton package: `pip install triton`")
     raise RuntimeError(

@@ -21,6 +21,14 @@ from transformers import Trainer, TrainingArguments
 from badam_kernels import BlockAdamW
 from badam_kernels.hf import BlockAdamWCallback
 
+# transformers 5.23 renamed gradient_checkpointing to activation_checkpointing and deprecated the old
+# name; 5.17 (the oldest supported) has only the old one.
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
 
 class Windows(torch.utils.data.Dataset):
     """Causal-LM examples: each window of bytes is its own label."""
@@ -53,7 +61,7 @@ def make_trainer(cli, output_dir: str, train_rows, eval_rows) -> tuple[Trainer, 
         warmup_steps=cli.steps // 10,
         # The Trainer clips the active block's gradients; update_in_backward has none left to clip.
         max_grad_norm=0.0 if cli.update_in_backward else 1.0,
-        activation_checkpointing=cli.gradient_checkpointing,
+        **{CHECKPOINTING: cli.gradient_checkpointing},
         logging_steps=cli.steps // 4,
         save_strategy="steps",
         save_steps=cli.steps // 2,

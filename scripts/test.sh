@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv (scripts/setup.sh) and run the test suite; extra arguments go to pytest.
+# Set up a virtual environment (scripts/setup.sh) and run the test suite in it.
+#   bash scripts/test.sh [pytest arguments]                  the newest supported stack, in .venv
+#   bash scripts/test.sh --stack oldest [pytest arguments]   the oldest, in .venv-oldest
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q tests "$@"
+source scripts/stacks.sh "$@"
+bash scripts/setup.sh --stack "$STACK"
+exec "$VENV/bin/python" -m pytest -q tests "${ARGS[@]}"

@@ -19,6 +19,13 @@ pytestmark = [
 ]
 STEPS = 24  # optimizer steps of a full run: 8 block activations of switch_every=3
 SAVE_AT = 10  # a checkpoint one step into a block
+# transformers 5.23 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and
+# deprecated the old names; 5.17 (the oldest supported) has only the old ones.
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 
 class ByteWindows(torch.utils.data.Dataset):
@@ -194,9 +201,7 @@ def test_trainer_gradient_checkpointing_trains_the_same(tmp_path, reentrant):
     changes nothing in the iterates, reentrant included."""
     plain, plain_model, _ = _trainer(_args(tmp_path / "plain", max_steps=4))
     plain.train()
-    checkpointing = dict(
-        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": reentrant}
-    )
+    checkpointing = {CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": reentrant}}
     checkpointed, model, _ = _trainer(_args(tmp_path / "checkpointed", max_steps=4, **checkpointing))
     checkpointed.train()
     assert model.model.layers[0].gradient_checkpointing  # it was on
