@@ -51,8 +51,8 @@ ANNOUNCEMENT = (
 )
 NO_LLAMAFACTORY = (
     "LLaMA-Factory is not installed in this environment ({python}). Install it with "
-    "`pip install 'badam_kernels[llamafactory]'` (or `pip install llamafactory`), then run "
-    "`python -m badam_kernels.llamafactory train CONFIG.yaml`."
+    "`pip install llamafactory==0.9.5` (the version badam_kernels is tested with; the extra "
+    "badam_kernels[llamafactory] pins it), then run `python -m badam_kernels.llamafactory train CONFIG.yaml`."
 )
 
 

@@ -46,7 +46,8 @@ print(json.dumps({"version": importlib.metadata.version("badam"), "module": bada
 """
 
 
-def test_served_badam_reaches_child_processes_and_passes_the_version_check(tmp_path):
+def test_served_badam_reaches_child_processes_and_passes_the_version_check(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "badam", raising=False)  # as in a fresh process (other tests import it)
     outside_version = _badam_version()
     with llamafactory.badam_served_by_badam_kernels():
         result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, cwd=tmp_path)
@@ -61,7 +62,7 @@ def test_served_badam_reaches_child_processes_and_passes_the_version_check(tmp_p
     assert llamafactory.SERVED_VERSION.startswith("1.4+badamkernels.")
     # Nothing stays behind: this process sees the environment's own badam (or none) again.
     assert _badam_version() == outside_version != llamafactory.SERVED_VERSION
-    assert "badam" not in sys.modules or sys.modules["badam"].__name__ == "badam"
+    assert "badam" not in sys.modules
     assert not any("badam_kernels_llamafactory_" in p for p in sys.path)
     assert "badam_kernels_llamafactory_" not in os.environ.get("PYTHONPATH", "")
 
@@ -73,11 +74,18 @@ def _badam_version() -> str | None:
         return None
 
 
+def test_refuses_to_serve_badam_once_the_real_one_is_imported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "badam", SimpleNamespace(__file__="/site-packages/badam/__init__.py"))
+    with pytest.raises(RuntimeError, match="already imported"):
+        with llamafactory.badam_served_by_badam_kernels():
+            pass
+
+
 def test_main_without_llamafactory_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(llamafactory.importlib.util, "find_spec", lambda name: None)
     assert llamafactory.main(["train", "config.yaml"]) == 2
     err = capsys.readouterr().err
-    assert "LLaMA-Factory is not installed" in err and "badam_kernels[llamafactory]" in err
+    assert "LLaMA-Factory is not installed" in err and "pip install llamafactory==0.9.5" in err
 
 
 def test_ratio_mode_without_block_optimizer_ratio_fails_clearly(monkeypatch):
