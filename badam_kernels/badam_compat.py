@@ -34,6 +34,14 @@ def _runs_fused(base: Optimizer) -> bool:
     return decoupled or d.get("weight_decay", 0.0) == 0.0
 
 
+def print_rank0(message: str) -> None:
+    """Print `message` once per job, as badam prints its switch messages: on stdout, on rank 0
+    only when torch.distributed is running."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
 class BlockOptimizer(BlockAdamW):
     """Drop-in replacement for `badam.BlockOptimizer`: same signature, blocks, switch steps and
     parameter groups, so swapping the import reproduces badam's training.
@@ -45,6 +53,11 @@ class BlockOptimizer(BlockAdamW):
     result copied back. Like badam, the first block trains switch_block_every - 1 steps, the
     random order comes from torch's global RNG, and always-active modules restart their state
     at every switch.
+
+    `verbose` has the levels LLaMA-Factory documents for `badam_verbose`: 0 prints nothing, 1 a
+    line at each block switch, 2 also the trainable parameter names. Like badam, the lines are
+    printed (stdout, rank 0), unless `log_fn` is given. (badam 1.4 itself prints the switch line
+    at every level, 0 included.)
 
     Example:
         >>> base = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -119,7 +132,7 @@ class BlockOptimizer(BlockAdamW):
             max_grad_norm=None,
             backend="auto",
             verbose=verbose,
-            log_fn=log_fn,
+            log_fn=log_fn or print_rank0,
             reset_always_active=True,
             extra_defaults=defaults,
         )
