@@ -138,20 +138,26 @@ def _chunked_pass(
             index = rows[start : start + chunk_size]
             h = hidden.index_select(0, index).to(dtype)
             t = targets.index_select(0, index).unsqueeze(1)
-            logits = torch.mm(h, w.t()).float()  # as transformers: the head's dtype, then fp32
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            loss_sum += (lse - logits.gather(1, t)).sum()
+            # One fp32 (chunk x vocabulary) buffer, updated in place: the logits, then
+            # exp(logits - row max) (logsumexp would make a second such tensor), then their gradient.
+            buffer = torch.mm(h, w.t()).float()  # as transformers: the head's dtype, then fp32
+            target_logits = buffer.gather(1, t)
+            row_max = buffer.amax(dim=1, keepdim=True)
+            row_sum = buffer.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+            loss_sum += (row_max + row_sum.log() - target_logits).sum()
             if not (want_hidden_grad or want_weight_grad):
+                del buffer  # before the next chunk's
                 continue
-            # d(lse - logit[t]) / d(logits) = softmax - onehot(t), computed in place in fp32
-            grad_logits = logits.sub_(lse).exp_()
-            grad_logits.scatter_add_(1, t, torch.full_like(lse, -1.0))
-            grad_logits = grad_logits.mul_(logit_grad_scale).to(dtype)
-            del logits
+            # d(loss_sum) / d(logits) = softmax - onehot(target), times logit_grad_scale
+            buffer.mul_(logit_grad_scale / row_sum)
+            buffer.scatter_add_(1, t, (-logit_grad_scale).expand_as(row_sum))
+            grad_logits = buffer.to(dtype)
+            del buffer
             if grad_hidden is not None:
                 grad_hidden.index_copy_(0, index, torch.mm(grad_logits, w).to(hidden.dtype))
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
+            del grad_logits  # before the next chunk's logits
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return loss_sum, grad_hidden, grad_weight
