@@ -1,18 +1,18 @@
 """Exact cross-entropy of a linear LM head, computed a chunk of tokens at a time, so the
 (tokens x vocabulary) logits never exist at once.
 
-For Llama-3's 128,256-token vocabulary the plain head + loss holds, at 4096 tokens, the logits in
-bf16 (1 GB), their fp32 copy for the loss (2 GB), the fp32 log-softmax and its gradient (2 GB
-each): far more than the rest of a BAdam step. Here the head's matmul and the loss run over
+The plain bf16 head + loss peaks at 12 bytes per logit (the fp32 log-softmax, the fp32 gradient
+arriving at it and the one leaving it): with Llama-3's 128,256-token vocabulary, 6.3 GB at 4096
+tokens, far more than the rest of a BAdam step. Here the head's matmul and the loss run over
 `chunk_size` tokens at a time; the gradients with respect to the hidden states (and the head's
 weight, when it trains) are computed in the same pass, from the chunk's logits while they exist,
-and kept until backward, which only scales them by the incoming gradient. So the transient
-memory is one chunk's logits (about 6 bytes x chunk_size x vocabulary), the work is the plain
-head's three matmuls (no recompute), and the result is the plain computation's up to rounding:
-the same bf16/fp16 logits upcast to fp32 as transformers' `ForCausalLMLoss`, the same
-log-softmax in fp32, the same gradient cast to the model's dtype before the two matmuls of
-backward. Tokens whose target is `ignore_index` are skipped altogether (their loss and gradient
-are exactly zero), which also saves their matmuls.
+and kept until backward, which only scales them by the incoming gradient. So the transient memory
+is one chunk's logits (6 bytes x chunk_size x vocabulary: an fp32 buffer updated in place and the
+bf16 gradient cast from it), the work is the plain head's three matmuls (no recompute), and the
+result is the plain computation's up to rounding: the same bf16/fp16 logits upcast to fp32 as
+transformers' `ForCausalLMLoss`, the same softmax in fp32, the same gradient cast to the model's
+dtype before the two matmuls of backward. Tokens whose target is `ignore_index` are skipped
+altogether (their loss and gradient are exactly zero), which also saves their matmuls.
 
 Rounding: the plain path multiplies the fp32 logit gradient by `grad_output / count` before
 casting it to bf16. Here `1 / count` is applied there too, and `grad_output` afterwards, to the

@@ -137,11 +137,11 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) 
     - Backward through one forward runs once (its gradients are computed in forward): the
       `retain_graph=True` pattern of backpropagating a loss twice raises an error.
 
-    Memory: the plain head at T tokens and vocabulary V holds about 16 x T x V bytes at its peak
-    (bf16 logits, their fp32 copy, fp32 log-softmax, fp32 gradient); chunked, about
-    6 x chunk_size x V bytes (about 0.8 GB at the default 1024 tokens and Llama-3's 128,256-token
-    vocabulary) plus one gradient of the hidden states. Smaller chunks need less; larger ones
-    run fewer, bigger matmuls.
+    Memory: the plain bf16 head + loss at T tokens and vocabulary V peaks at 12 x T x V bytes
+    (the fp32 log-softmax and the fp32 gradients into and out of it; 2 more while the output's
+    bf16 logits are held); chunked, at 6 x chunk_size x V bytes (0.8 GB at the default 1024 tokens
+    and Llama-3's 128,256-token vocabulary) plus one gradient of the hidden states. Smaller chunks
+    need less; larger ones run fewer, bigger matmuls.
 
     Args:
         model: a supported transformers causal LM, or a peft model wrapping one.

@@ -6,6 +6,7 @@ length.
         [--methods badam lora badam_kernels badam_kernels_no_chunk] [--min-seq N] [--max-seq N]
         [--common-seq N] [--resolution R] [--time-limit S] [--timed-steps N] [--rss-cap-gb GB]
         [--chunk-size N] [--threads N] [--out-dir DIR]
+    python bench/memory_frontier.py --replot DIR    # table and plot again from DIR/memory_frontier.json
 
 The GPU run the README names (Llama-3-8B shape, a 24 GB card emulated on a larger one):
 
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -264,13 +266,20 @@ def measure_cpu_point(method: str, seq: int, args: argparse.Namespace) -> Point:
 
 
 def cuda_search(method: str, args: argparse.Namespace) -> list[Point]:
-    """The whole search for `method` in this process, under the allocator cap."""
+    """The whole search for `method` in this process, under the allocator cap. After an
+    out-of-memory error the model and optimizer are built again: a backward cut short leaves
+    gradients and update_in_backward counts behind that would burden the next point."""
     device = torch.device("cuda")
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * GB / total), device)
-    step, weight_bytes = make_training_step(method, args.shape, "cuda", args.chunk_size)
+    built: list[tuple[Callable, int]] = []
 
     def measure(seq: int) -> Point:
+        if not built:
+            gc.collect()  # the previous model and optimizer, if an error left them in a cycle
+            torch.cuda.empty_cache()
+            built.append(make_training_step(method, args.shape, "cuda", args.chunk_size))
+        step, weight_bytes = built[0]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
@@ -279,6 +288,7 @@ def cuda_search(method: str, args: argparse.Namespace) -> list[Point]:
             step(seq)
             torch.cuda.synchronize(device)
         except torch.cuda.OutOfMemoryError:
+            built.clear()
             return Point(method, seq, "out of memory", None, start, weight_bytes)
         seconds = time.perf_counter() - began
         peak = torch.cuda.max_memory_allocated(device)
@@ -432,28 +442,48 @@ def plot(results: dict[str, list[Point]], args: argparse.Namespace, path: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, points in results.items():
+    # Methods that coincide (on the proxy the head dominates all but the chunked one) stay
+    # visible: each its own dash pattern and marker, drawn thinner and smaller in turn.
+    styles = zip(("-", "--", "-.", ":", "-", "--"), ("o", "s", "^", "D", "v", "P"), range(12, 0, -2))
+    for (method, points), (dashes, marker, size) in zip(results.items(), styles):
         measured = [p for p in points if p.peak_bytes is not None]
         line = ax.plot(
             [p.seq for p in measured],
             [p.peak_bytes / GB for p in measured],
-            marker="o",
+            linestyle=dashes,
+            marker=marker,
+            markersize=size,
+            linewidth=1 + size / 6,
+            alpha=0.85,
             label=METHODS[method],
         )[0]
-        failed = [p.seq for p in points if p.peak_bytes is None]
-        if failed:  # out of memory or killed: plotted at the budget line
-            ax.plot(failed, [args.budget_gb] * len(failed), "x", color=line.get_color(), markersize=9)
+        failed = [p.seq for p in points if p.peak_bytes is None and not p.status.startswith("error")]
+        if failed:  # out of memory or killed: drawn on the budget line
+            ax.plot(failed, [args.budget_gb] * len(failed), "x", color=line.get_color(), markersize=10)
     ax.axhline(
         args.budget_gb, color="black", linestyle="--", linewidth=1, label=f"budget {args.budget_gb} GB"
     )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens, batch 1)")
     ax.set_ylabel("peak live tensor bytes (GB)")
-    ax.set_title(f"One training step, {args.shape} shape, {args.device}; x: did not fit")
+    ax.set_title(f"One training step, {args.shape} shape, {args.device} (x: out of memory)")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_report(results: dict[str, list[Point]], args: argparse.Namespace, command: str) -> None:
+    """memory_frontier.md (the table), .json (every point) and .png in args.out_dir."""
+    report = table(results, args)
+    print(report)
+    with open(os.path.join(args.out_dir, "memory_frontier.md"), "w") as f:
+        f.write(f"Command: `{command}`\n\n{report}")
+    with open(os.path.join(args.out_dir, "memory_frontier.json"), "w") as f:
+        points = {m: [dataclasses.asdict(p) for p in ps] for m, ps in results.items()}
+        json.dump({"command": command, "args": vars(args), "points": points}, f, indent=1)
+    plot(results, args, os.path.join(args.out_dir, "memory_frontier.png"))
+    print(f"wrote {args.out_dir}/memory_frontier.md, .json, .png")
 
 
 def parse_args() -> argparse.Namespace:
@@ -485,6 +515,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "frontier")
     )
+    parser.add_argument("--replot", metavar="DIR", help="rewrite the table and plot from DIR's .json")
     parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--worker-seq", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -503,18 +534,16 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         worker_main(args)
-        return
-    os.makedirs(args.out_dir, exist_ok=True)
-    results = {method: method_points(method, args) for method in args.methods}
-    report = table(results, args)
-    print(report)
-    with open(os.path.join(args.out_dir, "memory_frontier.md"), "w") as f:
-        f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{report}")
-    with open(os.path.join(args.out_dir, "memory_frontier.json"), "w") as f:
-        points = {m: [dataclasses.asdict(p) for p in ps] for m, ps in results.items()}
-        json.dump({"args": vars(args), "points": points}, f, indent=1)
-    plot(results, args, os.path.join(args.out_dir, "memory_frontier.png"))
-    print(f"wrote {args.out_dir}/memory_frontier.md, .json, .png")
+    elif args.replot:
+        with open(os.path.join(args.replot, "memory_frontier.json")) as f:
+            saved = json.load(f)
+        args = argparse.Namespace(**{**saved["args"], "out_dir": args.replot})
+        results = {m: [Point(**p) for p in ps] for m, ps in saved["points"].items()}
+        write_report(results, args, saved["command"])
+    else:
+        os.makedirs(args.out_dir, exist_ok=True)
+        results = {method: method_points(method, args) for method in args.methods}
+        write_report(results, args, f"python {' '.join(sys.argv)}")
 
 
 if __name__ == "__main__":
