@@ -245,9 +245,10 @@ def _take_labels(
     head: ChunkedLossHead, labels_index: int, model: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict[str, Any]] | None:
     """Forward pre-hook of the model: hand the labels to the head, run the model without them."""
-    if len(args) > labels_index:
-        args, kwargs = args[:labels_index], {**kwargs, "labels": args[labels_index]}
-        kwargs.update(zip(_positional_names(model)[labels_index + 1 :], args[labels_index + 1 :]))
+    if len(args) > labels_index:  # labels given by position: from there on, pass everything by name
+        names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+        kwargs = {**kwargs, **dict(zip(names[labels_index:], args[labels_index:]))}
+        args = args[:labels_index]
     labels = kwargs.get("labels")
     if labels is None:
         return None
@@ -258,10 +259,6 @@ def _take_labels(
         num_items_in_batch=kwargs.get("num_items_in_batch"),
     )
     return args, {**kwargs, "labels": None}
-
-
-def _positional_names(model: nn.Module) -> list[str]:
-    return list(inspect.signature(type(model).forward).parameters)[1:]
 
 
 def _put_loss(
