@@ -125,7 +125,7 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) 
     is every gradient, up to rounding (badam_kernels.chunked_loss). Supported: Llama, Mistral,
     Qwen2, Qwen3 and GPT-2 causal LMs, also inside a peft model; anything else is refused with a
     TypeError. Works with the Trainer, gradient checkpointing, BlockAdamW's backward cut and
-    update_in_backward, on any device, in bf16, fp16, fp32 and under autocast.
+    update_in_backward, on CPU and CUDA (plain torch), in bf16, fp16, fp32 and under autocast.
 
     What changes for the caller:
     - With labels, the output's `logits` is None (tuple outputs: the loss, then what follows the

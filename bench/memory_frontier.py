@@ -11,7 +11,8 @@ length.
 The GPU run the README names (Llama-3-8B shape, a 24 GB card emulated on a larger one):
 
     python bench/memory_frontier.py --shape llama3-8b --budget-gb 24 --device cuda \\
-        --min-seq 1024 --max-seq 65536 --time-limit 120 --out-dir bench/out/frontier_llama3_8b
+        --min-seq 2048 --max-seq 32768 --resolution 0.25 --time-limit 120 \\
+        --out-dir bench/out/frontier_llama3_8b
 
 Model: a Llama built from LlamaConfig (random weights, nothing downloaded), bf16, sdpa attention,
 random token ids with labels = inputs. Shapes: "llama3-8b" (hidden 4096, 32 layers, MLP 14336,
