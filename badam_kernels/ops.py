@@ -230,9 +230,8 @@ def validate_sparse_adam_args(
     params, grads, exp_avgs, exp_avg_sqs, masters, indices, *, lr, beta1, beta2, eps, step,
     master_weights, grad_mul,
 ):  # fmt: skip
-    """sparse_adam_'s arguments: raise a ValueError/TypeError/IndexError naming the offending
-    argument and index; return the lists. Index values are range-checked for CPU tensors only:
-    on a GPU that would cost a host sync (the CUDA kernel traps on an index out of range)."""
+    """sparse_adam_'s arguments: raise a ValueError/TypeError naming the offending argument and
+    index; return the lists. Index values are not looked at (see _check_index_range)."""
     params, grads, exp_avgs, exp_avg_sqs = _check_param_lists(params, grads, exp_avgs, exp_avg_sqs)
     n = len(params)
     indices = [] if indices is None else _check_list("indices", indices, n)
@@ -249,13 +248,6 @@ def validate_sparse_adam_args(
         if indices:
             numel = indices[i].numel()
             _check_tensor("indices", i, indices[i], numel, device, (torch.int32, torch.int64), of=of)
-            if device.type == "cpu" and numel > 0:
-                low, high = torch.aminmax(indices[i])
-                if low < 0 or high >= p.numel():
-                    raise IndexError(
-                        f"indices[{i}] holds values in [{int(low)}, {int(high)}] but params[{i}] has "
-                        f"{p.numel()} elements"
-                    )
         _check_tensor("grads", i, grads[i], numel, device, PARAM_DTYPES, of=of)
         _check_tensor("exp_avgs", i, exp_avgs[i], numel, device, (torch.float32,), of=of)
         _check_tensor("exp_avg_sqs", i, exp_avg_sqs[i], numel, device, (torch.float32,), of=of)
@@ -264,6 +256,20 @@ def validate_sparse_adam_args(
             _check_tensor("masters", i, masters[i], numel, device, master_dtype, of=of)
     _check_flag_tensor("grad_mul", grad_mul, device)
     return params, grads, exp_avgs, exp_avg_sqs, masters, indices
+
+
+def _check_index_range(params, indices) -> None:
+    """IndexError for an index outside its param, before anything is written. For CPU tensors
+    only: on a GPU reading the range back costs a host sync (the CUDA kernel traps instead)."""
+    for i, (p, index) in enumerate(zip(params, indices)):
+        if index.numel() == 0:
+            continue
+        low, high = torch.aminmax(index)
+        if low < 0 or high >= p.numel():
+            raise IndexError(
+                f"indices[{i}] holds values in [{int(low)}, {int(high)}] but params[{i}] has "
+                f"{p.numel()} elements"
+            )
 
 
 # ---- the "torch" and "triton" backends as torch.library ops ------------------------------
@@ -550,7 +556,10 @@ def sparse_adam_(
     if not params:
         resolve_backend(backend, torch.device("cpu"))  # still reject an unknown backend name
         return
-    op = _SPARSE_ADAM_OPS[resolve_backend(backend, params[0].device)]()
+    resolved = resolve_backend(backend, params[0].device)
+    if resolved != "cpu" and params[0].device.type == "cpu":  # the C++ CPU op checks them itself
+        _check_index_range(params, indices)
+    op = _SPARSE_ADAM_OPS[resolved]()
     with torch.no_grad():
         op(
             params, grads, exp_avgs, exp_avg_sqs, masters, indices, float(lr), float(beta1), float(beta2),
