@@ -218,16 +218,23 @@ def test_clip_grad_norm_scales_the_selected_gradients():
         torch.testing.assert_close(p - p0, q - p0, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "master_bytes"),
+    [(torch.bfloat16, 2), (torch.float16, 4), (torch.float32, 0)],
+    ids=["bf16-remainder", "fp16-fp32_master", "fp32-no_master"],
+)
 @pytest.mark.parametrize(("mode", "keep_mask"), [("adjacent", True), ("scatter", True), ("scatter", False)])
-def test_memory_summary(mode, keep_mask):
-    model = build_tiny_llama(dtype=torch.bfloat16)
+def test_memory_summary(mode, keep_mask, dtype, master_bytes):
+    """master_weights="auto": an int16 remainder per selected bf16 entry, an fp32 master per fp16
+    entry, none for fp32."""
+    model = build_tiny_llama(dtype=dtype)
     opt = _optimizer(model, mask_mode=mode, keep_mask=keep_mask)
     causal_lm_loss(model, 0).backward()
     opt.step()
     summary = opt.memory_summary()
     selected = summary["selected_numel"]
     assert summary["state_bytes"] == 8 * selected  # fp32 exp_avg and exp_avg_sq per selected entry
-    assert summary["master_bytes"] == 2 * selected  # int16 remainders
+    assert summary["master_bytes"] == master_bytes * selected
     assert summary["grad_bytes"] == 0  # applied by step()
     if mode == "adjacent":
         assert summary["index_bytes"] == 0  # runs need no index
