@@ -1,5 +1,6 @@
 """Drop-in replacements for the `badam` package's classes, with badam's signatures and quirks,
-running on the fused kernels: swapping the import reproduces badam's training."""
+running on the fused kernels: swapping the import reproduces badam's training.
+BlockOptimizerRatio (badam's ratio mode) lives in ratio.py and is re-exported here."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from badam_kernels.partition import (
     infer_blocks_like_badam,
     named_parameters_of,
 )
+from badam_kernels.ratio import BlockOptimizerRatio
 from badam_kernels.schedule import BlockSchedule
+
+__all__ = ["BlockOptimizer", "BlockOptimizerRatio"]
 
 
 def _runs_fused(base: Optimizer) -> bool:

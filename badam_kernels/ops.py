@@ -171,11 +171,23 @@ def _check_list(name: str, tensors, n: int) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def _check_tensor(name: str, i: int, t: torch.Tensor, numel: int, device: torch.device, dtypes) -> None:
+def _check_param_lists(params, grads, exp_avgs, exp_avg_sqs) -> tuple[list[torch.Tensor], ...]:
+    """The per-param lists of an update op: lists of tensors, as many as params."""
+    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
+    n = len(params)
+    named = (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))
+    return tuple(_check_list(name, tensors, n) for name, tensors in named)
+
+
+def _check_tensor(
+    name: str, i: int, t: torch.Tensor, numel: int, device: torch.device, dtypes, *, of: str = "params"
+) -> None:
+    """dtype, numel (that of `of`[i]), device and contiguity of `name`[i]."""
     if t.dtype not in dtypes:
         raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {' or '.join(map(str, dtypes))}")
     if t.numel() != numel:
-        raise ValueError(f"{name}[{i}] has {t.numel()} elements but params[{i}] has {numel}")
+        raise ValueError(f"{name}[{i}] has {t.numel()} elements but {of}[{i}] has {numel}")
     if t.device != device:
         raise ValueError(f"{name}[{i}] is on {t.device} but params[0] is on {device}")
     if not t.is_contiguous():
@@ -188,28 +200,20 @@ def _check_tensor(name: str, i: int, t: torch.Tensor, numel: int, device: torch.
         )
 
 
-def validate_adamw_args(
-    params, grads, exp_avgs, exp_avg_sqs, masters, *, lr, beta1, beta2, eps, weight_decay, step,
-    master_weights, stochastic_rounding, seed, grad_mul, found_inf,
-):  # fmt: skip
-    """Raise a ValueError/TypeError naming the offending argument and index; return the lists."""
-    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
-        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
-    n = len(params)
-    params = _check_list("params", params, n)
-    grads = _check_list("grads", grads, n)
-    exp_avgs = _check_list("exp_avgs", exp_avgs, n)
-    exp_avg_sqs = _check_list("exp_avg_sqs", exp_avg_sqs, n)
+def _check_masters(master_weights: str, masters, n: int) -> list[torch.Tensor]:
+    """The validated list of masters for the master mode (empty for "none")."""
     if master_weights not in MASTER_MODES:
         raise ValueError(f"master_weights must be one of {MASTER_MODES}, got {master_weights!r}")
     if master_weights == "none":
         if masters:
             raise ValueError("masters were given but master_weights='none'")
-        masters = []
-    else:
-        if masters is None:
-            raise ValueError(f"master_weights={master_weights!r} needs masters (one per param)")
-        masters = _check_list("masters", masters, n)
+        return []
+    if masters is None:
+        raise ValueError(f"master_weights={master_weights!r} needs masters (one per param)")
+    return _check_list("masters", masters, n)
+
+
+def _check_step_and_hyperparameters(step, lr, beta1, beta2, eps) -> None:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an int, got {type(step).__name__}")
     if step < 1:
@@ -218,6 +222,26 @@ def validate_adamw_args(
     _check_scalar("beta1", beta1, 0.0, 1.0)
     _check_scalar("beta2", beta2, 0.0, 1.0)
     _check_scalar("eps", eps, 0.0, math.inf)
+
+
+def _check_master_fits(i: int, p: torch.Tensor, master_weights: str) -> None:
+    if master_weights == "remainder" and p.dtype != torch.bfloat16:
+        raise TypeError(f"master_weights='remainder' needs bf16 params, params[{i}] is {p.dtype}")
+    if master_weights == "fp32" and p.dtype == torch.float32:
+        raise TypeError(
+            f"params[{i}] is fp32 and is its own master; use master_weights='none' for fp32 params"
+        )
+
+
+def validate_adamw_args(
+    params, grads, exp_avgs, exp_avg_sqs, masters, *, lr, beta1, beta2, eps, weight_decay, step,
+    master_weights, stochastic_rounding, seed, grad_mul, found_inf,
+):  # fmt: skip
+    """Raise a ValueError/TypeError naming the offending argument and index; return the lists."""
+    params, grads, exp_avgs, exp_avg_sqs = _check_param_lists(params, grads, exp_avgs, exp_avg_sqs)
+    n = len(params)
+    masters = _check_masters(master_weights, masters, n)
+    _check_step_and_hyperparameters(step, lr, beta1, beta2, eps)
     _check_scalar("weight_decay", weight_decay, 0.0, math.inf)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
@@ -232,12 +256,7 @@ def validate_adamw_args(
         _check_tensor("grads", i, grads[i], p.numel(), device, PARAM_DTYPES)
         _check_tensor("exp_avgs", i, exp_avgs[i], p.numel(), device, (torch.float32,))
         _check_tensor("exp_avg_sqs", i, exp_avg_sqs[i], p.numel(), device, (torch.float32,))
-        if master_weights == "remainder" and p.dtype != torch.bfloat16:
-            raise TypeError(f"master_weights='remainder' needs bf16 params, params[{i}] is {p.dtype}")
-        if master_weights == "fp32" and p.dtype == torch.float32:
-            raise TypeError(
-                f"params[{i}] is fp32 and is its own master; use master_weights='none' for fp32 params"
-            )
+        _check_master_fits(i, p, master_weights)
         if stochastic_rounding and p.dtype != torch.bfloat16:
             raise TypeError(f"stochastic_rounding needs bf16 params, params[{i}] is {p.dtype}")
         if master_dtype is not None:
@@ -249,9 +268,62 @@ def validate_adamw_args(
     return params, grads, exp_avgs, exp_avg_sqs, masters
 
 
+def validate_sparse_adam_args(
+    params, grads, exp_avgs, exp_avg_sqs, masters, indices, *, lr, beta1, beta2, eps, step,
+    master_weights, grad_mul,
+):  # fmt: skip
+    """sparse_adam_'s arguments: raise a ValueError/TypeError naming the offending argument and
+    index; return the lists. Index values are not looked at (see _check_index_range)."""
+    params, grads, exp_avgs, exp_avg_sqs = _check_param_lists(params, grads, exp_avgs, exp_avg_sqs)
+    n = len(params)
+    indices = [] if indices is None else _check_list("indices", indices, n)
+    masters = _check_masters(master_weights, masters, n)
+    _check_step_and_hyperparameters(step, lr, beta1, beta2, eps)
+    if n == 0:
+        return params, grads, exp_avgs, exp_avg_sqs, masters, indices
+    device = params[0].device
+    master_dtype = {"fp32": (torch.float32,), "remainder": (torch.int16,)}.get(master_weights)
+    of = "indices" if indices else "params"
+    for i, p in enumerate(params):
+        _check_tensor("params", i, p, p.numel(), device, PARAM_DTYPES)
+        numel = p.numel()
+        if indices:
+            numel = indices[i].numel()
+            _check_tensor("indices", i, indices[i], numel, device, (torch.int32, torch.int64), of=of)
+        _check_tensor("grads", i, grads[i], numel, device, PARAM_DTYPES, of=of)
+        _check_tensor("exp_avgs", i, exp_avgs[i], numel, device, (torch.float32,), of=of)
+        _check_tensor("exp_avg_sqs", i, exp_avg_sqs[i], numel, device, (torch.float32,), of=of)
+        _check_master_fits(i, p, master_weights)
+        if master_dtype is not None:
+            _check_tensor("masters", i, masters[i], numel, device, master_dtype, of=of)
+    _check_flag_tensor("grad_mul", grad_mul, device)
+    return params, grads, exp_avgs, exp_avg_sqs, masters, indices
+
+
+def _check_index_range(params, indices) -> None:
+    """IndexError for an index outside its param, before anything is written. For CPU tensors
+    only: on a GPU reading the range back costs a host sync (the CUDA kernel traps instead)."""
+    for i, (p, index) in enumerate(zip(params, indices)):
+        if index.numel() == 0:
+            continue
+        low, high = torch.aminmax(index)
+        if low < 0 or high >= p.numel():
+            raise IndexError(
+                f"indices[{i}] holds values in [{int(low)}, {int(high)}] but params[{i}] has "
+                f"{p.numel()} elements"
+            )
+
+
 # ---- the "torch" and "triton" backends as torch.library ops ------------------------------
 
 _ADAMW_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "masters")
+
+
+def _copy_into(destinations, results) -> None:
+    """Write a reference result (lists of new tensors) into the op's mutated argument lists."""
+    for dst_list, src_list in zip(destinations, results):
+        for dst, src in zip(dst_list, src_list):
+            dst.copy_(src)
 
 
 @torch.library.custom_op("badam_kernels::fused_adamw_torch_", mutates_args=_ADAMW_MUTATES)
@@ -266,9 +338,7 @@ def _fused_adamw_torch(
         weight_decay=weight_decay, step=step, master_weights=master_weights,
         stochastic_rounding=stochastic_rounding, seed=seed, grad_mul=grad_mul, found_inf=found_inf,
     )  # fmt: skip
-    for dst_list, src_list in zip((params, exp_avgs, exp_avg_sqs, masters), outs):
-        for dst, src in zip(dst_list, src_list):
-            dst.copy_(src)
+    _copy_into((params, exp_avgs, exp_avg_sqs, masters), outs)
 
 
 # The Triton launchers build int64 tables of data_ptr()s, which fake tensors cannot trace, so
@@ -333,6 +403,51 @@ _GRAD_NORM_OPS = {
     "cuda": lambda: torch.ops.badam_kernels.grad_norm,
     "triton": lambda: torch.ops.badam_kernels.grad_norm_triton,
     "torch": lambda: torch.ops.badam_kernels.grad_norm_torch,
+}
+
+
+# sparse_adam_: SparseAdam on selected entries (badam's ratio mode); same backend layout.
+@torch.library.custom_op("badam_kernels::sparse_adam_torch_", mutates_args=_ADAMW_MUTATES)
+def _sparse_adam_torch(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor], indices: list[torch.Tensor], lr: float,
+    beta1: float, beta2: float, eps: float, step: int, master_weights: str, grad_mul: torch.Tensor | None,
+) -> None:  # fmt: skip
+    outs = reference.sparse_adam_reference(
+        params, grads, exp_avgs, exp_avg_sqs, masters, indices, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        step=step, master_weights=master_weights, grad_mul=grad_mul,
+    )  # fmt: skip
+    _copy_into((params, exp_avgs, exp_avg_sqs, masters), outs)
+
+
+@torch.library.custom_op("badam_kernels::sparse_adam_triton_", mutates_args=_ADAMW_MUTATES)
+def _sparse_adam_triton(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor], indices: list[torch.Tensor], lr: float,
+    beta1: float, beta2: float, eps: float, step: int, master_weights: str, grad_mul: torch.Tensor | None,
+) -> None:  # fmt: skip
+    from badam_kernels.triton_ops import sparse_adam_triton
+
+    sparse_adam_triton(
+        params, grads, exp_avgs, exp_avg_sqs, masters, indices, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        step=step, master_weights=master_weights, grad_mul=grad_mul,
+    )  # fmt: skip
+
+
+@_sparse_adam_torch.register_fake
+def _sparse_adam_fake(*args, **kwargs) -> None:
+    return None
+
+
+_sparse_adam_triton.register_fake(_sparse_adam_fake)
+if EXTENSION_ERROR is None:
+    torch.library.register_fake("badam_kernels::sparse_adam_")(_sparse_adam_fake)
+
+_SPARSE_ADAM_OPS = {
+    "cpu": lambda: torch.ops.badam_kernels.sparse_adam_,
+    "cuda": lambda: torch.ops.badam_kernels.sparse_adam_,
+    "triton": lambda: torch.ops.badam_kernels.sparse_adam_triton_,
+    "torch": lambda: torch.ops.badam_kernels.sparse_adam_torch_,
 }
 
 
@@ -425,3 +540,70 @@ def grad_norm(tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> torc
     op = _GRAD_NORM_OPS[resolve_backend(backend, device)]()
     with torch.no_grad():
         return op(list(tensors))
+
+
+def sparse_adam_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    indices: Sequence[torch.Tensor] | None = None,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    step: int,
+    master_weights: str = "none",
+    masters: Sequence[torch.Tensor] | None = None,
+    grad_mul: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One SparseAdam step on selected entries of a list of tensors, in place: the update of
+    torch.optim.SparseAdam and of badam's BlockOptimizerRatio (eps added outside the bias
+    correction, no weight decay), with fp32 state and the master modes of `fused_adamw_`.
+
+    Per selected entry, in fp32 (csrc/adam_math.h, sparse_adam_update):
+        m += (g - m) * (1 - beta1);  v += (g * g - v) * (1 - beta2)
+        w -= lr * sqrt(1 - beta2**step) / (1 - beta1**step) * m / (sqrt(v) + eps)
+
+    Args:
+        params: bf16/fp16/fp32 contiguous tensors, updated in place. Without `indices`, each is
+            the selected run itself (e.g. a slice `p.view(-1)[a:b]`); with `indices`, the whole
+            parameter.
+        grads: the selected entries' gradients, compact (n_i,) bf16/fp16/fp32.
+        exp_avgs, exp_avg_sqs: (n_i,) fp32, updated in place.
+        indices: None, or one (n_i,) int32/int64 tensor per param: entry k of grads[i] and of
+            the state belongs to params[i].view(-1)[indices[i][k]]. Indices must be unique.
+            Out-of-range values raise an IndexError for CPU tensors; on a GPU the CUDA kernel
+            traps and the Triton kernel leaves them out (a range check there costs a host sync).
+        lr, beta1, beta2, eps, step: SparseAdam's hyperparameters; step >= 1.
+        master_weights, masters: as in `fused_adamw_` ("none", "fp32", "remainder"), with
+            (n_i,) masters for the selected entries.
+        grad_mul: optional 0-dim fp32 tensor multiplying every gradient (clipping), read on the
+            device.
+        backend: "auto", "cuda", "triton", "cpu" or "torch".
+
+    Example:
+        >>> p = torch.randn(100, dtype=torch.bfloat16); idx = torch.tensor([3, 50, 97], dtype=torch.int32)
+        >>> g = torch.randn(3, dtype=torch.bfloat16); m, v = torch.zeros(3), torch.zeros(3)
+        >>> r = torch.zeros(3, dtype=torch.int16)
+        >>> sparse_adam_([p], [g], [m], [v], indices=[idx], lr=1e-3, step=1,
+        ...              master_weights="remainder", masters=[r])
+    """
+    params, grads, exp_avgs, exp_avg_sqs, masters, indices = validate_sparse_adam_args(
+        params, grads, exp_avgs, exp_avg_sqs, masters, indices, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        step=step, master_weights=master_weights, grad_mul=grad_mul,
+    )  # fmt: skip
+    if not params:
+        resolve_backend(backend, torch.device("cpu"))  # still reject an unknown backend name
+        return
+    resolved = resolve_backend(backend, params[0].device)
+    if resolved != "cpu" and params[0].device.type == "cpu":  # the C++ CPU op checks them itself
+        _check_index_range(params, indices)
+    op = _SPARSE_ADAM_OPS[resolved]()
+    with torch.no_grad():
+        op(
+            params, grads, exp_avgs, exp_avg_sqs, masters, indices, float(lr), float(beta1), float(beta2),
+            float(eps), int(step), master_weights, grad_mul,
+        )  # fmt: skip

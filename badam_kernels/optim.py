@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from badam_kernels import optimizer_state
 from badam_kernels.arguments import as_bool, as_float, as_int
 from badam_kernels.checkpointing import BackwardCut
 from badam_kernels.distributed import (
@@ -742,16 +743,10 @@ class BlockAdamW(Optimizer):
                 "parameter counts and state shapes can be checked against this optimizer",
                 stacklevel=2,
             )
-        saved_groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(
-                "cannot load this state dict: it has param groups of sizes "
-                f"{[len(g['params']) for g in saved_groups]}, this optimizer has "
-                f"{[len(g['params']) for g in self.param_groups]}: it was saved for other parameters"
-            )
+        optimizer_state.check_param_groups(self, state_dict)
         param_of = {
             index: p
-            for saved, group in zip(saved_groups, self.param_groups)
+            for saved, group in zip(state_dict["param_groups"], self.param_groups)
             for index, p in zip(saved["params"], group["params"])
         }
         for index, saved in state_dict["state"].items():
@@ -763,15 +758,7 @@ class BlockAdamW(Optimizer):
             self._check_loaded_state(param_of[index], saved)
         self._schedule.load_state_dict(state_dict["block_schedule"])
         self._activate(self._schedule.current, first=True)
-        self.state = defaultdict(dict)
-        for index, saved in state_dict["state"].items():
-            p = param_of[index]
-            self.state[p] = {
-                key: value.detach().to(p.device, copy=True) if isinstance(value, torch.Tensor) else value
-                for key, value in saved.items()
-            }
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({key: value for key, value in saved.items() if key != "params"})
+        optimizer_state.restore_state(self, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -797,15 +784,7 @@ class BlockAdamW(Optimizer):
     def memory_summary(self) -> dict[str, int]:
         """Bytes held now: Adam state (exp_avg, exp_avg_sq), masters/remainders, gradients, and the
         number of elements in the active block."""
-        state_bytes = master_bytes = 0
-        for state in self.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    nbytes = value.numel() * value.element_size()
-                    if key in ("exp_avg", "exp_avg_sq"):
-                        state_bytes += nbytes
-                    else:
-                        master_bytes += nbytes
+        state_bytes, master_bytes = optimizer_state.state_bytes(self)
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self._names if p.grad is not None)
         return {
             "state_bytes": state_bytes,

@@ -200,3 +200,110 @@ def grad_norm_reference(tensors, compute_dtype: torch.dtype = torch.float32) -> 
     for t in tensors:
         total = total + t.to(compute_dtype).square().sum()
     return total.sqrt().to(torch.float32)
+
+
+# ---- SparseAdam (badam's ratio mode): csrc/adam_math.h sparse_adam_update ----
+
+
+@dataclass(frozen=True)
+class SparseAdamScalars:
+    """Per-call constants of SparseAdam, computed in double on the host as badam does."""
+
+    one_minus_beta1: float
+    one_minus_beta2: float
+    eps: float
+    step_size: float
+
+    @staticmethod
+    def make(lr: float, beta1: float, beta2: float, eps: float, step: int) -> SparseAdamScalars:
+        step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        return SparseAdamScalars(1.0 - beta1, 1.0 - beta2, eps, step_size)
+
+    def as_fp32(self) -> SparseAdamScalars:
+        """The same constants rounded to fp32, as the kernels (and torch's scalar ops) see them."""
+        return SparseAdamScalars(*(_round_to_fp32(getattr(self, k)) for k in self.__dataclass_fields__))
+
+
+def _round_to_fp32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root, as sqrtf and the SIMD/CUDA/Triton kernels give it.
+    torch's CPU sqrt goes through MKL's vector math, which is within an ulp but not always
+    correctly rounded; computing in fp64 and rounding once is exact (double rounding is harmless
+    for sqrt, since 53 >= 2 * 24 + 2)."""
+    return x.double().sqrt().float()
+
+
+def sparse_adam_math(g, w, m, v, s: SparseAdamScalars):
+    """One SparseAdam update on fp32 tensors (torch.optim.SparseAdam's operation order: eps
+    outside the bias correction, no weight decay); returns new (w, m, v)."""
+    m = m + (g - m) * s.one_minus_beta1
+    v = v + (g * g - v) * s.one_minus_beta2
+    w = w - s.step_size * (m / (sqrt_rn(v) + s.eps))
+    return w, m, v
+
+
+def _read_weight(selected: torch.Tensor, master: torch.Tensor | None, master_weights: str) -> torch.Tensor:
+    """The fp32 weight of the selected param entries under a master mode (DESIGN.md)."""
+    if master_weights == "fp32":
+        return master
+    if master_weights == "remainder":
+        return remainder_decode(selected, master)
+    return selected
+
+
+def _write_weight(w32: torch.Tensor, param_dtype: torch.dtype, master_weights: str):
+    """(new param entries, new master or None) for the fp32 weight `w32`."""
+    if master_weights == "fp32":
+        return w32.to(param_dtype), w32
+    if master_weights == "remainder":
+        return remainder_encode(w32)
+    return w32.to(param_dtype), None
+
+
+def sparse_adam_reference(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    masters,
+    indices,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    master_weights: str,
+    grad_mul: torch.Tensor | None,
+):
+    """SparseAdam on selected entries in fp32, out of place; returns (new_params, new_exp_avgs,
+    new_exp_avg_sqs, new_masters) with the input dtypes. Inputs are not modified.
+
+    `indices` is empty (grads[i] and the state cover params[i] element for element) or holds one
+    int32/int64 tensor per param: grads[i][k] and the state's element k belong to
+    params[i].view(-1)[indices[i][k]]. Indices must be unique. For fp32 params this is
+    torch.optim.SparseAdam's result wherever torch's own sqrt is correctly rounded (see sqrt_rn).
+    """
+    scalars = SparseAdamScalars.make(lr, beta1, beta2, eps, step).as_fp32()
+    new_p, new_m, new_v, new_master = [], [], [], []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        flat = p.reshape(-1)
+        index = indices[i].reshape(-1).long() if indices else None
+        selected = flat if index is None else flat[index]
+        g = g.reshape(-1).float()
+        if grad_mul is not None:
+            g = g * grad_mul
+        master = masters[i].reshape(-1) if master_weights != "none" else None
+        w = _read_weight(selected, master, master_weights).float()
+        w, m2, v2 = sparse_adam_math(g, w, m.reshape(-1), v.reshape(-1), scalars)
+        selected2, master2 = _write_weight(w, p.dtype, master_weights)
+        flat2 = selected2 if index is None else flat.clone().index_copy_(0, index, selected2)
+        new_p.append(flat2.view(p.shape))
+        new_m.append(m2.view(m.shape))
+        new_v.append(v2.view(v.shape))
+        if master2 is not None:
+            new_master.append(master2.to(masters[i].dtype).view(masters[i].shape))
+    return new_p, new_m, new_v, new_master

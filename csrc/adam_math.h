@@ -130,4 +130,37 @@ BADAM_HD uint16_t float_to_bf16_bits_stochastic(float f, uint32_t random16) {
   return static_cast<uint16_t>((u + random16) >> 16);
 }
 
+// ---- SparseAdam: badam's ratio mode ----
+//
+// badam.BlockOptimizerRatio updates a selected subset of each parameter's entries with the math
+// of torch.optim.SparseAdam: no weight decay, and eps added outside the bias correction, which
+// is folded into the step size instead. The operation order below is SparseAdam's, so fp32
+// parameters get its bits exactly.
+//   step_size = lr * sqrt(1 - beta2**step) / (1 - beta1**step)
+struct SparseAdamScalars {
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float eps;
+  float step_size;
+};
+
+// The per-call constants, computed in double on the host as badam does in Python, then rounded
+// to fp32 as torch rounds a Python scalar multiplying an fp32 tensor (host only).
+inline SparseAdamScalars make_sparse_adam_scalars(double lr, double beta1, double beta2, double eps, int64_t step) {
+  const double steps = static_cast<double>(step);
+  SparseAdamScalars s;
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.step_size = static_cast<float>(lr * sqrt(1.0 - pow(beta2, steps)) / (1.0 - pow(beta1, steps)));
+  return s;
+}
+
+// One SparseAdam update of a single selected element, all in fp32; `w`, `m`, `v` in place.
+BADAM_HD void sparse_adam_update(float g, float& w, float& m, float& v, const SparseAdamScalars& s) {
+  m = m + (g - m) * s.one_minus_beta1;
+  v = v + (g * g - v) * s.one_minus_beta2;
+  w = w - s.step_size * (m / (sqrtf(v) + s.eps));
+}
+
 }  // namespace badam

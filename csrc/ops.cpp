@@ -20,4 +20,8 @@ TORCH_LIBRARY(badam_kernels, m) {
       "float eps, float weight_decay, int step, str master_weights, bool stochastic_rounding, "
       "int seed, Tensor? grad_mul, Tensor? found_inf) -> ()");
   m.def("grad_norm(Tensor[] tensors) -> Tensor");
+  m.def(
+      "sparse_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] masters, Tensor[] indices, float lr, float beta1, float beta2, float eps, int step, "
+      "str master_weights, Tensor? grad_mul) -> ()");
 }

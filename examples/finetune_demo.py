@@ -3,9 +3,10 @@
 Nothing is downloaded: the model is built from transformers.LlamaConfig and the text is Python's own
 standard-library source code, read as bytes (vocabulary 256, no tokenizer files). Both runs start from
 the same weights and see the same batches. Prints loss, step time and optimizer + gradient memory for
-both and saves a loss-curve PNG. Uses CUDA when present.
+both and saves a loss-curve PNG. Uses CUDA when present. `--ratio 0.1` adds a third run with
+BlockOptimizerRatio (badam's ratio mode: 10% of every weight's entries trained per mask period).
 
-    python examples/finetune_demo.py [--steps 160] [--device cuda] [--out demo_out]
+    python examples/finetune_demo.py [--steps 160] [--device cuda] [--out demo_out] [--ratio 0.1]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import torch
 from stdlib_text import as_tokens, batches, bf16_weights, byte_llama, split_by_file, stdlib_sources
 
-from badam_kernels import BlockAdamW
+from badam_kernels import BlockAdamW, BlockOptimizerRatio
 
 
 def tensor_bytes(tensors) -> int:
@@ -28,6 +29,11 @@ def tensor_bytes(tensors) -> int:
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(tensor_bytes(state.values()) for state in optimizer.state.values())
+
+
+def taken_grad_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Gradients BlockOptimizerRatio took from the parameters during backward (p.grad is None)."""
+    return optimizer.memory_summary()["grad_bytes"] if isinstance(optimizer, BlockOptimizerRatio) else 0
 
 
 @torch.no_grad()
@@ -50,7 +56,7 @@ def train(name, model, optimizer, train_tokens, eval_tokens, args, device) -> di
         t0 = time.perf_counter()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        grad_bytes = tensor_bytes(p.grad for p in model.parameters())
+        grad_bytes = tensor_bytes(p.grad for p in model.parameters()) + taken_grad_bytes(optimizer)
         sync()
         t1 = time.perf_counter()
         optimizer.step()
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--switch-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ratio", type=float, default=0.0, help="also run BlockOptimizerRatio (0: skip)")
     parser.add_argument("--out", default="demo_out")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -137,6 +144,17 @@ def main() -> None:
     results["BlockAdamW bf16"] = train(
         "BlockAdamW", model, optimizer, train_tokens, eval_tokens, args, device
     )
+
+    if args.ratio > 0:
+        model = bf16_weights(copy.deepcopy(base).to(device))
+        optimizer = BlockOptimizerRatio(
+            model.parameters(), list(model.named_parameters()), update_ratio=args.ratio,
+            switch_every=args.switch_every, lr=args.lr, verbose=0,
+        )  # fmt: skip
+        print(f"BlockOptimizerRatio (bf16 weights, {args.ratio:.0%} of each weight per mask period)")
+        results["BlockOptimizerRatio bf16"] = train(
+            "BlockOptimizerRatio", model, optimizer, train_tokens, eval_tokens, args, device
+        )
 
     model = copy.deepcopy(base).to(device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)

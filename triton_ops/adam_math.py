@@ -110,3 +110,13 @@ def from_fp32_rne(w, DTYPE: tl.constexpr):
         return fp32_to_bf16_rne(w)
     else:
         return w.to(DTYPE)
+
+
+@triton.jit
+def sparse_adam_update(g, w, m, v, one_minus_beta1, one_minus_beta2, eps, step_size):
+    """One SparseAdam step (badam's ratio mode) on fp32 blocks; returns the new (w, m, v). Order
+    as in adam_math.h's sparse_adam_update."""
+    m = m + (g - m) * one_minus_beta1
+    v = v + (g * g - v) * one_minus_beta2
+    w = w - step_size * tl.div_rn(m, tl.sqrt_rn(v) + eps)
+    return w, m, v

@@ -43,6 +43,22 @@ struct AdamwTensor {
   uint32_t sr_key;  // badam::sr_key(fold(seed), step, index of the tensor in the call)
 };
 
+// One tensor of a sparse_adam_ call (SparseAdam on selected entries), already validated. The
+// selected entries' gradient, Adam state and master are compact arrays; the param is either the
+// contiguous run of selected entries (index null) or the whole parameter, reached through index.
+struct SparseAdamTensor {
+  void* param;
+  const void* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  void* master;       // compact fp32 master or int16 remainder; null for kPlain
+  const void* index;  // null, or int32/int64 positions in param, one per selected entry
+  ElemType param_type;
+  ElemType grad_type;
+  WeightMode mode;  // kPlain, kMasterFp32 or kRemainder
+  bool index_is_int64;
+};
+
 // The kernels of one instruction set. Ranges are element indices [begin, end) of one tensor.
 struct KernelSet {
   const char* name;
@@ -50,6 +66,9 @@ struct KernelSet {
                       int64_t end);
   // Sum of squares, accumulated in fp32 lanes and returned in double.
   double (*sum_squares_range)(const void* data, ElemType type, int64_t begin, int64_t end);
+  // Ranges of selected entries (positions in the compact arrays).
+  void (*sparse_adam_range)(const SparseAdamTensor& tensor, const SparseAdamScalars& scalars, float grad_mul,
+                            int64_t begin, int64_t end);
 };
 
 extern const KernelSet kScalarKernels;

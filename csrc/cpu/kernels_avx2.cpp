@@ -19,10 +19,12 @@ namespace avx2 {
 #include "cpu/simd_scalar.h"
 #include "cpu/simd_avx2.h"
 #include "cpu/kernels_impl.h"
+#include "cpu/sparse_adam_impl.h"
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace badam
 #pragma GCC pop_options
 
-const badam::cpu::KernelSet badam::cpu::kAvx2Kernels = {"avx2", &avx2::adamw_range, &avx2::sum_squares_range};
+const badam::cpu::KernelSet badam::cpu::kAvx2Kernels = {"avx2", &avx2::adamw_range, &avx2::sum_squares_range,
+                                                        &avx2::sparse_adam_range};
 #endif

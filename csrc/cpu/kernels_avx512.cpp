@@ -22,11 +22,12 @@ namespace avx512 {
 #include "cpu/simd_scalar.h"
 #include "cpu/simd_avx512.h"
 #include "cpu/kernels_impl.h"
+#include "cpu/sparse_adam_impl.h"
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace badam
 #pragma GCC pop_options
 
 const badam::cpu::KernelSet badam::cpu::kAvx512Kernels = {"avx512", &avx512::adamw_range,
-                                                          &avx512::sum_squares_range};
+                                                          &avx512::sum_squares_range, &avx512::sparse_adam_range};
 #endif

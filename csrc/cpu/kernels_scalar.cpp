@@ -17,6 +17,7 @@ namespace scalar {
 #include "cpu/simd_scalar.h"
 using Simd = ScalarSimd;
 #include "cpu/kernels_impl.h"
+#include "cpu/sparse_adam_impl.h"
 }  // namespace scalar
 }  // namespace cpu
 }  // namespace badam
@@ -24,6 +25,7 @@ using Simd = ScalarSimd;
 
 namespace badam {
 namespace cpu {
-const KernelSet kScalarKernels = {"scalar", &scalar::adamw_range, &scalar::sum_squares_range};
+const KernelSet kScalarKernels = {"scalar", &scalar::adamw_range, &scalar::sum_squares_range,
+                                  &scalar::sparse_adam_range};
 }  // namespace cpu
 }  // namespace badam

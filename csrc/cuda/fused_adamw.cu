@@ -1,7 +1,5 @@
 // Fused multi-tensor AdamW: one pass over grad, exp_avg, exp_avg_sq and the weight (param,
 // fp32 master or bf16 param + int16 remainder), with the per-element math of adam_math.h.
-#include <limits.h>
-
 #include <type_traits>
 
 #include "adam_math.h"
@@ -119,29 +117,11 @@ bool all_vector_aligned(const AdamWTensor& t) {
          (kMode == MasterMode::kNone || is_aligned(t.master, master_bytes));
 }
 
-// Fills tables with the non-empty tensors and launches one kernel per full (or final) table.
+// Launches one kernel per table of up to kMaxTensors non-empty tensors.
 template <typename ParamT, typename GradT, MasterMode kMode, bool kStochastic>
 cudaError_t launch_tables(const AdamWTensor* tensors, int64_t count, const AdamWConfig& config,
                           cudaStream_t stream) {
-  AdamWTable table{};  // count 0, chunk_begin[0] 0
-  auto launch = [&]() -> cudaError_t {
-    const int32_t blocks = table.chunk_begin[table.count];
-    fused_adamw_kernel<ParamT, GradT, kMode, kStochastic><<<blocks, kBlockThreads, 0, stream>>>(
-        table, config.scalars, config.grad_mul, config.found_inf);
-    table.count = 0;
-    return cudaGetLastError();
-  };
-  for (int64_t i = 0; i < count; ++i) {
-    const AdamWTensor& t = tensors[i];
-    if (t.numel == 0) continue;
-    const int64_t chunks = chunks_of(t.numel);
-    if (chunks > INT_MAX) return cudaErrorInvalidValue;
-    // The grid size (and chunk_begin) must stay within int32.
-    if (table.count == kMaxTensors || chunks > INT_MAX - table.chunk_begin[table.count]) {
-      const cudaError_t err = launch();
-      if (err != cudaSuccess) return err;
-    }
-    const int slot = table.count;
+  auto fill = [](AdamWTable& table, int slot, const AdamWTensor& t) {
     table.param[slot] = t.param;
     table.grad[slot] = t.grad;
     table.exp_avg[slot] = t.exp_avg;
@@ -150,10 +130,14 @@ cudaError_t launch_tables(const AdamWTensor* tensors, int64_t count, const AdamW
     table.numel[slot] = t.numel;
     table.sr_key[slot] = t.sr_key;
     table.vector_ok[slot] = all_vector_aligned<ParamT, GradT, kMode>(t);
-    table.chunk_begin[slot + 1] = table.chunk_begin[slot] + static_cast<int32_t>(chunks);
-    table.count = slot + 1;
-  }
-  return table.count > 0 ? launch() : cudaSuccess;
+  };
+  auto launch = [&](const AdamWTable& table) -> cudaError_t {
+    const int32_t blocks = table.chunk_begin[table.count];
+    fused_adamw_kernel<ParamT, GradT, kMode, kStochastic><<<blocks, kBlockThreads, 0, stream>>>(
+        table, config.scalars, config.grad_mul, config.found_inf);
+    return cudaGetLastError();
+  };
+  return launch_in_tables<AdamWTable, kMaxTensors>(tensors, count, fill, launch);
 }
 
 template <typename ParamT, MasterMode kMode, bool kStochastic>

@@ -1,7 +1,5 @@
 // Multi-tensor L2 norm: one fp32 partial sum of squares per chunk, then a single block adds the
 // partials in a fixed order. No floating-point atomics, so the result is bit-reproducible.
-#include <limits.h>
-
 #include "cuda/launchers.h"
 #include "cuda/multi_tensor.cuh"
 
@@ -83,40 +81,27 @@ int64_t grad_norm_workspace_size(const NormTensor* tensors, int64_t count) {
 
 cudaError_t launch_grad_norm(const NormTensor* tensors, int64_t count, float* workspace, float* norm_out,
                              cudaStream_t stream) {
-  NormTable table{};  // count 0, chunk_begin[0] 0
-  int64_t partials_written = 0;
-  auto launch = [&]() -> cudaError_t {
-    const int32_t blocks = table.chunk_begin[table.count];
-    chunk_sum_squares_kernel<<<blocks, kBlockThreads, 0, stream>>>(table, workspace + partials_written);
-    partials_written += blocks;
-    table.count = 0;
-    return cudaGetLastError();
-  };
   for (int64_t i = 0; i < count; ++i) {
-    const NormTensor& t = tensors[i];
-    if (t.numel == 0) continue;
-    if (t.dtype != DType::kFloat32 && t.dtype != DType::kFloat16 && t.dtype != DType::kBFloat16) {
+    const DType dtype = tensors[i].dtype;
+    if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
       return cudaErrorInvalidValue;
     }
-    const int64_t chunks = chunks_of(t.numel);
-    if (chunks > INT_MAX) return cudaErrorInvalidValue;
-    // The grid size (and chunk_begin) must stay within int32.
-    if (table.count == kMaxTensors || chunks > INT_MAX - table.chunk_begin[table.count]) {
-      const cudaError_t err = launch();
-      if (err != cudaSuccess) return err;
-    }
-    const int slot = table.count;
+  }
+  int64_t partials_written = 0;
+  auto fill = [](NormTable& table, int slot, const NormTensor& t) {
     table.data[slot] = t.data;
     table.numel[slot] = t.numel;
     table.dtype[slot] = t.dtype;
     table.vector_ok[slot] = is_aligned(t.data, element_size(t.dtype) * kPack);
-    table.chunk_begin[slot + 1] = table.chunk_begin[slot] + static_cast<int32_t>(chunks);
-    table.count = slot + 1;
-  }
-  if (table.count > 0) {
-    const cudaError_t err = launch();
-    if (err != cudaSuccess) return err;
-  }
+  };
+  auto launch = [&](const NormTable& table) -> cudaError_t {
+    const int32_t blocks = table.chunk_begin[table.count];
+    chunk_sum_squares_kernel<<<blocks, kBlockThreads, 0, stream>>>(table, workspace + partials_written);
+    partials_written += blocks;
+    return cudaGetLastError();
+  };
+  const cudaError_t err = launch_in_tables<NormTable, kMaxTensors>(tensors, count, fill, launch);
+  if (err != cudaSuccess) return err;
   // Also runs with no partials (all tensors empty): the norm is then 0.
   finish_norm_kernel<<<1, kBlockThreads, 0, stream>>>(workspace, partials_written, norm_out);
   return cudaGetLastError();

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <limits.h>
 #include <stdint.h>
 
 #include "adam_math.h"
@@ -69,6 +71,32 @@ __device__ __forceinline__ int owning_tensor(const int32_t (&chunk_begin)[N], in
 __device__ __forceinline__ void chunk_bounds(int64_t chunk, int64_t numel, int64_t& start, int64_t& end) {
   start = chunk * kChunkSize;
   end = numel - start < kChunkSize ? numel : start + kChunkSize;
+}
+
+// Packs the non-empty tensors of tensors[0..count) into kernel-argument tables of up to
+// kMaxTensors and calls launch(table) for each full table and the final one. fill(table, slot,
+// tensor) stores a tensor's pointers in `slot`; the chunk offsets and the count are kept here.
+// Table needs `int32_t chunk_begin[kMaxTensors + 1]` and `int32_t count`; Tensor needs `numel`.
+template <typename Table, int kMaxTensors, typename Tensor, typename Fill, typename Launch>
+cudaError_t launch_in_tables(const Tensor* tensors, int64_t count, const Fill& fill, const Launch& launch) {
+  Table table{};  // count 0, chunk_begin[0] 0
+  for (int64_t i = 0; i < count; ++i) {
+    const Tensor& t = tensors[i];
+    if (t.numel == 0) continue;
+    const int64_t chunks = chunks_of(t.numel);
+    if (chunks > INT_MAX) return cudaErrorInvalidValue;
+    // The grid size (and chunk_begin) must stay within int32.
+    if (table.count == kMaxTensors || chunks > INT_MAX - table.chunk_begin[table.count]) {
+      const cudaError_t err = launch(table);
+      table.count = 0;
+      if (err != cudaSuccess) return err;
+    }
+    const int slot = table.count;
+    fill(table, slot, t);
+    table.chunk_begin[slot + 1] = table.chunk_begin[slot] + static_cast<int32_t>(chunks);
+    table.count = slot + 1;
+  }
+  return table.count > 0 ? launch(table) : cudaSuccess;
 }
 
 template <typename T>

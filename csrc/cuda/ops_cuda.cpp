@@ -9,12 +9,15 @@
 
 #include <map>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "adam_math.h"
 #include "op_checks.h"
 #include "cuda/launchers.h"
+#include "cuda/sparse_adam_launcher.h"
+#include "sparse_adam_checks.h"
 
 namespace {
 
@@ -84,6 +87,52 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   }
 }
 
+void sparse_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList indices, double lr,
+                      double beta1, double beta2, double eps, int64_t step, c10::string_view master_weights,
+                      const std::optional<at::Tensor>& grad_mul) {
+  using badam::cuda::IndexType;
+  const size_t n = params.size();
+  const at::Device device = n == 0 ? at::Device(at::kCUDA, c10::cuda::current_device()) : params[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA sparse_adam_ got params[0] on ", device);
+  badam::check_sparse_adam_args(params, grads, exp_avgs, exp_avg_sqs, masters, indices, lr, beta1, beta2, eps,
+                                step, master_weights, grad_mul, device);
+  const MasterMode mode = badam::parse_master_mode<MasterMode>(master_weights);
+  if (n == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const bool indexed = !indices.empty();
+  // One launcher call per (param dtype, grad dtype, index dtype): the kernels are templated on them.
+  std::map<std::tuple<at::ScalarType, at::ScalarType, IndexType>, std::vector<badam::cuda::SparseAdamTensor>> groups;
+  for (size_t i = 0; i < n; ++i) {
+    badam::cuda::SparseAdamTensor t;
+    t.param = params[i].data_ptr();
+    t.grad = grads[i].data_ptr();
+    t.exp_avg = exp_avgs[i].data_ptr<float>();
+    t.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+    t.master = mode == MasterMode::kNone ? nullptr : masters[i].data_ptr();
+    t.index = indexed ? indices[i].data_ptr() : nullptr;
+    t.numel = grads[i].numel();
+    t.param_numel = params[i].numel();
+    const IndexType index_type = !indexed ? IndexType::kNone
+                                 : indices[i].scalar_type() == at::kLong ? IndexType::kInt64
+                                                                          : IndexType::kInt32;
+    groups[{params[i].scalar_type(), grads[i].scalar_type(), index_type}].push_back(t);
+  }
+  for (const auto& [key, tensors] : groups) {
+    badam::cuda::SparseAdamConfig config;
+    config.param_dtype = to_kernel_dtype(std::get<0>(key));
+    config.grad_dtype = to_kernel_dtype(std::get<1>(key));
+    config.master_mode = mode;
+    config.index_type = std::get<2>(key);
+    config.scalars = badam::make_sparse_adam_scalars(lr, beta1, beta2, eps, step);
+    config.grad_mul = optional_data(grad_mul);
+    C10_CUDA_CHECK(badam::cuda::launch_sparse_adam(tensors.data(), static_cast<int64_t>(tensors.size()), config,
+                                                   stream));
+  }
+}
+
 at::Tensor grad_norm_cuda(at::TensorList tensors) {
   TORCH_CHECK_VALUE(!tensors.empty(), "grad_norm needs at least one tensor");
   const at::Device device = tensors[0].device();
@@ -117,4 +166,5 @@ at::Tensor grad_norm_cuda(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(badam_kernels, CUDA, m) {
   m.impl("fused_adamw_", &fused_adamw_cuda);
   m.impl("grad_norm", &grad_norm_cuda);
+  m.impl("sparse_adam_", &sparse_adam_cuda);
 }
