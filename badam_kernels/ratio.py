@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 
 from badam_kernels import optimizer_state
 from badam_kernels.ops import BACKENDS, grad_norm, sparse_adam_
-from badam_kernels.optim import _check_hyperparameters, _master_modes
+from badam_kernels.optim import _check_hyperparameters, _check_master_options, master_mode
 from badam_kernels.partition import named_parameters_of
 from badam_kernels.weak_hooks import weak_method_hook
 
@@ -287,7 +287,9 @@ class BlockOptimizerRatio(Optimizer):
         for p, entry in self._entries.items():
             if not p.is_contiguous():
                 raise ValueError(f"parameter {entry.name!r} is not contiguous; the fused kernels need it")
-        self._master_modes = _master_modes(master_weights, False, {p.dtype for p in self._entries})
+        dtypes = {p.dtype for p in self._entries}
+        _check_master_options(master_weights, False, dtypes)
+        self._master_modes = {dtype: master_mode(master_weights, False, dtype) for dtype in dtypes}
         self._hooks = [p.register_post_accumulate_grad_hook(weak_method_hook(self, "_take_gradient"))
                        for p in self._entries]  # fmt: skip
         self._own: dict[torch.Tensor, Selection] = {}  # each parameter's own mask this period

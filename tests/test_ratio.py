@@ -277,7 +277,7 @@ def test_zero_grad_before_step_discards_taken_gradients():
         ({"fused": "yes"}, TypeError, "fused must be a bool or None"),
         ({"master_weights": "fp16"}, ValueError, "master_weights must be one of"),
         ({"backend": "gpu"}, ValueError, "backend must be one of"),
-        ({"lr": -1.0}, ValueError, r"lr must be in \[0, inf\)"),
+        ({"lr": -1.0}, ValueError, r"lr must be in \[0\.0, inf\)"),
         ({"optimizer_defaults": {"lr": 1e-3}}, ValueError, "param group 0 has no betas, eps"),
     ],
 )
