@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import AdamState, apply_step, bits, make_state, random_grads
+from badam_kernels.verification import AdamState, apply_step, bits, make_state, random_grads
 
 from badam_kernels import reference
 

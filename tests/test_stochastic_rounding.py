@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import AdamState, apply_step, bits, check_step, make_state, oracle_step, random_grads
+from badam_kernels.verification import AdamState, apply_step, bits, check_step, make_state, oracle_step, random_grads
 
 from badam_kernels import reference
 
