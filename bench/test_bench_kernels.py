@@ -5,6 +5,7 @@
 On a GPU one round is `calls` back-to-back steps followed by one synchronize, so the round's wall time
 over `calls` is the device time per step (the host enqueues faster than the device runs at these
 sizes), at 2^24 and 2^27 elements, past the L2 cache. On a CPU a round is one step, at 2^20 and 2^24.
+BADAM_KERNELS_BENCH_LOG2_SIZES="12 16" sets other sizes (log2).
 GB/s by DESIGN.md's byte model and the calls per round go into each result's extra_info. Targets are
 judged from these numbers (bench/RESULTS.md), never asserted.
 """
@@ -12,6 +13,7 @@ judged from these numbers (bench/RESULTS.md), never asserted.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from badam_kernels import kernel_bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = [1 << 24, 1 << 27] if DEVICE.type == "cuda" else [1 << 20, 1 << 24]
+if os.environ.get("BADAM_KERNELS_BENCH_LOG2_SIZES"):  # e.g. "12" for a quick dry run
+    SIZES = [1 << int(s) for s in os.environ["BADAM_KERNELS_BENCH_LOG2_SIZES"].split()]
 CASES = kernel_bench.cases(DEVICE)
 ROUND_SECONDS = 0.01  # a GPU round lasts at least this long
 
