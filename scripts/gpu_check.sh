@@ -18,10 +18,11 @@
 #   sanitizer        45   90  compute-sanitizer memcheck on the cuda and triton kernels (if installed)
 #   bench_pytest     20   60  bench/test_bench_kernels.py (pytest-benchmark, CUDA-synchronised rounds)
 #   kernel_table     15   45  bench/kernel_table.py 2^24 2^27 (CUDA events) + PNG
+#   host_time        10   30  bench/triton_host_time.py: host time per Triton call, 7B-layer blocks
 #   optimizer_step   15   45  bench/optimizer_step.py
 #   e2e_step         25   90  bench/e2e_step.py, 1.1B Llama: BlockAdamW vs badam vs torch AdamW(fused)
 #   frontier         60  150  bench/memory_frontier.py, Llama-3-8B shape, 24 GB (if the file exists)
-#   total           390       each part also stops early enough to leave every later part its
+#   total           400       each part also stops early enough to leave every later part its
 #                             estimate before DEADLINE_SECONDS (470): the script ends within 8 minutes.
 # OUTDIR gets one log per part, summary.md (status and time of every part, the tables), PNGs, JSON.
 # Environment: PYTHON (default python3; .venv/bin/python for the dry run), FRONTIER_ARGS,
@@ -52,7 +53,7 @@ SLOWER=1
 START=$(date +%s)
 # name:estimate:cap, in the order the parts run.
 PARTS=(build:100:240 check:50:120 tests:60:150 sanitizer:45:90 bench_pytest:20:60 kernel_table:15:45
-       optimizer_step:15:45 e2e_step:25:90 frontier:60:150)
+       host_time:10:30 optimizer_step:15:45 e2e_step:25:90 frontier:60:150)
 
 part_build() {
   if [ -z "$DRY" ]; then
@@ -130,6 +131,10 @@ part_kernel_table() {
   fi
 }
 
+part_host_time() {
+  "$PY" bench/triton_host_time.py
+}
+
 part_optimizer_step() {
   if [ -n "$DRY" ]; then
     "$PY" bench/optimizer_step.py --layers 2 --hidden 64 --reps 2
@@ -157,7 +162,7 @@ part_frontier() {
 }
 
 export -f part_build part_check part_tests part_sanitizer part_bench_pytest part_kernel_table \
-  part_optimizer_step part_e2e_step part_frontier
+  part_host_time part_optimizer_step part_e2e_step part_frontier
 
 estimate_after() {  # the summed estimates of the parts after $1
   local seen="" total=0 entry
@@ -236,6 +241,7 @@ section() {  # a heading, then what the command prints (nothing if its log is mi
   section tests tail -n 5 "$OUT/tests.log"
   section sanitizer tail -n 5 "$OUT/sanitizer.log"
   section "kernel table (CUDA events over back-to-back calls)" tables "$OUT/kernel_table.log"
+  section "host time per Triton call" tables "$OUT/host_time.log"
   section "optimizer step" tables "$OUT/optimizer_step.log"
   section "end-to-end step" tables "$OUT/e2e_step.log"
   section frontier tail -n 25 "$OUT/frontier.log"

@@ -38,8 +38,9 @@ import triton.language as tl
 # of bf16) per thread and tensor, the CUDA kernel's shape. 16 elements per thread (BLOCK 4096, 8
 # warps) needed 176-255 registers for sm_90 (Triton 3.9 / 3.6; the fp32-master kernel spilled), one
 # block per SM; at 4 per thread every variant needs 40-61 (tests/test_triton_compile.py checks
-# REGISTER_BUDGET and no spills), so 4 blocks (1024 threads) share an SM and keep loads in flight. A misaligned tensor takes blocks
-# of BLOCK // 4 with scalar accesses: wider scalar blocks need almost twice the registers.
+# REGISTER_BUDGET and no spills), so 4 blocks (1024 threads) share an SM and keep loads in flight.
+# A misaligned tensor takes blocks of BLOCK // 4 with scalar accesses: wider scalar blocks need
+# almost twice the registers.
 BLOCK = 1024
 NUM_WARPS = 8
 # Registers per thread the kernels must stay within (checked for sm_90): 64 lets 4 blocks of 256
