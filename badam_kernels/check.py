@@ -59,6 +59,8 @@ MODES_FOR_PARAM = {FP32: ["none"], BF16: ["none", "fp32", "remainder"], FP16: ["
 
 @dataclass(frozen=True)
 class AdamWCase:
+    """One fused_adamw_ case: dtypes, master mode and options, over tensors of SIZES."""
+
     param_dtype: torch.dtype
     grad_dtype: torch.dtype
     mode: str
@@ -97,10 +99,16 @@ def place(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tenso
 
 
 def place_state(state: AdamState, device: torch.device) -> AdamState:
+    """`state` on `device`, each of its lists placed as `place` does."""
     return AdamState(
         place(state.params, device), place(state.exp_avgs, device), place(state.exp_avg_sqs, device),
         state.master_weights, place(state.masters, device),
     )  # fmt: skip
+
+
+def same_bits(a: AdamState, b: AdamState) -> bool:
+    """Every tensor of `a` has the bits of its counterpart in `b` (NaN payloads and -0.0 included)."""
+    return all(torch.equal(bits(x), bits(y)) for x, y in zip(a.all_tensors(), b.all_tensors()))
 
 
 def run_adamw_case(
@@ -126,9 +134,7 @@ def run_adamw_case(
             grads[1][0], grads[4][7] = math.inf, math.nan
             before = state.clone()
             apply_step(state, grads, backend=backend, step=step, weight_decay=WEIGHT_DECAY, **kwargs)
-            if not all(
-                torch.equal(bits(a), bits(b)) for a, b in zip(before.all_tensors(), state.all_tensors())
-            ):
+            if not same_bits(before, state):
                 problems.append(f"{case.name}: found_inf=1 changed the tensors")
             continue
         expected = oracle_step(
@@ -165,12 +171,10 @@ def run_norm_case(
     return []
 
 
-def same_bits(a: AdamState, b: AdamState) -> bool:
-    return all(torch.equal(bits(x), bits(y)) for x, y in zip(a.all_tensors(), b.all_tensors()))
-
-
 @dataclass
 class BackendReport:
+    """What one backend on one device passed, and how its bits compare with the first bit-exact one."""
+
     device: torch.device
     backend: str
     adamw_passed: int = 0
@@ -191,6 +195,7 @@ def missing_backend_reason(backend: str, device: torch.device) -> str:
 
 
 def environment(devices: list[torch.device]) -> list[str]:
+    """Lines on versions, the extension and, per device, the backends found and why others are not."""
     import importlib.metadata
 
     versions = [
@@ -272,6 +277,7 @@ def check_correctness(devices: list[torch.device], seed: int) -> tuple[list[Back
 
 
 def correctness_table(reports: list[BackendReport]) -> list[str]:
+    """Markdown rows: cases passed per op, and the bit comparison, per (device, backend)."""
     lines = [
         "| device | backend | fused_adamw_ | grad_norm | bits vs first of cpu/cuda/triton |",
         "|---|---|---|---|---|",
@@ -304,6 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the check; returns the exit status (0: all passed, 1: a mismatch or a missing backend)."""
     args = parse_args(argv)
     devices = [torch.device(d) for d in dict.fromkeys(args.device)]
     if any(d.type == "cuda" for d in devices) and not torch.cuda.is_available():

@@ -37,7 +37,8 @@ from badam_kernels.reference import AdamScalars, fold_seed
 
 # Rows of the launch table (utils.py): five pointer rows, numel, the two rows utils.py adds, then
 # the tensor's index in the caller's list (the stochastic-rounding stream is keyed by it).
-_NUM_POINTERS = tl.constexpr(5)
+NUM_POINTERS = 5
+_NUM_POINTERS = tl.constexpr(NUM_POINTERS)
 _ROW_PARAM = tl.constexpr(0)
 _ROW_GRAD = tl.constexpr(1)
 _ROW_EXP_AVG = tl.constexpr(2)
@@ -230,7 +231,7 @@ def fused_adamw_triton(
             )
             for i in indices
         ]  # fmt: skip
-        for launch in launch_tables(columns, 5, device):
+        for launch in launch_tables(columns, NUM_POINTERS, device):
             with device_context(device):
                 _fused_adamw_kernel[(launch.num_programs,)](
                     launch.table, launch.chunk, grad_mul, found_inf,

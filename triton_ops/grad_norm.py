@@ -26,7 +26,8 @@ from badam_kernels.triton_ops.utils import (
 
 _VECTOR_BYTES = tl.constexpr(VECTOR_BYTES)
 # Rows of the launch table (utils.py): the data pointer, then numel.
-_NUM_POINTERS = tl.constexpr(1)
+NUM_POINTERS = 1
+_NUM_POINTERS = tl.constexpr(NUM_POINTERS)
 _ROW_DATA = tl.constexpr(0)
 _ROW_NUMEL = tl.constexpr(1)
 
@@ -67,7 +68,7 @@ def grad_norm_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
     partials = []
     for dtype, indices in group_by([t.dtype for t in tensors]).items():
         columns = [(tensors[i].data_ptr(), tensors[i].numel()) for i in indices]
-        for launch in launch_tables(columns, 1, device):
+        for launch in launch_tables(columns, NUM_POINTERS, device):
             launch_partials = torch.empty(launch.num_programs, dtype=torch.float32, device=device)
             with device_context(device):
                 _sum_of_squares_kernel[(launch.num_programs,)](
