@@ -145,6 +145,9 @@ def plot(results: list[dict], path: str, title: str) -> None:
     if all(r["peak_gib"] is not None for r in ok):
         right.bar(names, [r["peak_gib"] for r in ok], color="tab:orange")
         right.set_ylabel("peak allocated (GiB)")
+    else:
+        right.text(0.5, 0.5, "peak memory is measured on CUDA only", ha="center", va="center")
+        right.set_axis_off()
     for ax in (left, right):
         ax.tick_params(axis="x", labelrotation=15)
     fig.suptitle(title, fontsize=9)
