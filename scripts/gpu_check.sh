@@ -16,14 +16,16 @@
 #   check            50  120  python -m badam_kernels.check --require cuda triton, 2^24 and 2^27
 #   tests            60  150  CUDA and Triton kernel tests on the GPU, Triton launch/recompile tests
 #   sanitizer        45   90  compute-sanitizer memcheck on the cuda and triton kernels (if installed)
-#   bench_pytest     20   60  bench/test_bench_kernels.py (pytest-benchmark, CUDA-synchronised rounds)
 #   kernel_table     15   45  bench/kernel_table.py 2^24 2^27 (CUDA events) + PNG
-#   host_time        10   30  bench/triton_host_time.py: host time per Triton call, 7B-layer blocks
-#   optimizer_step   15   45  bench/optimizer_step.py
 #   e2e_step         25   90  bench/e2e_step.py, 1.1B Llama: BlockAdamW vs badam vs torch AdamW(fused)
+#   bench_pytest     20   60  bench/test_bench_kernels.py (pytest-benchmark, CUDA-synchronised rounds)
+#   tiling           25   60  bench/triton_tiling.py: the Triton kernel's GB/s per tiling at 2^27
+#   optimizer_step   15   45  bench/optimizer_step.py
+#   host_time        10   30  bench/triton_host_time.py: host time per Triton call, 7B-layer blocks
 #   frontier         60  150  bench/memory_frontier.py, Llama-3-8B shape, 24 GB (if the file exists)
-#   total           400       each part also stops early enough to leave every later part its
-#                             estimate before DEADLINE_SECONDS (470): the script ends within 8 minutes.
+#   total           425       each part after the build also stops early enough to leave every later
+#                             part its estimate before DEADLINE_SECONDS (470), and parts that find no
+#                             time left are skipped: the script ends within 8 minutes.
 # OUTDIR gets one log per part, summary.md (status and time of every part, the tables), PNGs, JSON.
 # Environment: PYTHON (default python3; .venv/bin/python for the dry run), FRONTIER_ARGS,
 # DRY_RUN_SLOWER (the dry run's caps and deadline are this many times longer, default 6).
@@ -52,8 +54,8 @@ SLOWER=1
 [ -n "$DRY" ] && SLOWER=${DRY_RUN_SLOWER:-6}
 START=$(date +%s)
 # name:estimate:cap, in the order the parts run.
-PARTS=(build:100:240 check:50:120 tests:60:150 sanitizer:45:90 bench_pytest:20:60 kernel_table:15:45
-       host_time:10:30 optimizer_step:15:45 e2e_step:25:90 frontier:60:150)
+PARTS=(build:100:240 check:50:120 tests:60:150 sanitizer:45:90 kernel_table:15:45 e2e_step:25:90
+       bench_pytest:20:60 tiling:25:60 optimizer_step:15:45 host_time:10:30 frontier:60:150)
 
 part_build() {
   if [ -z "$DRY" ]; then
@@ -131,6 +133,14 @@ part_kernel_table() {
   fi
 }
 
+part_tiling() {
+  if [ -n "$DRY" ]; then
+    "$PY" bench/triton_tiling.py --sizes 12 --min-time 0 --tilings 1024x8 4096x8
+  else
+    "$PY" bench/triton_tiling.py --sizes 27 --tilings 1024x8 2048x8 1024x4 4096x8
+  fi
+}
+
 part_host_time() {
   "$PY" bench/triton_host_time.py
 }
@@ -162,7 +172,7 @@ part_frontier() {
 }
 
 export -f part_build part_check part_tests part_sanitizer part_bench_pytest part_kernel_table \
-  part_host_time part_optimizer_step part_e2e_step part_frontier
+  part_tiling part_host_time part_optimizer_step part_e2e_step part_frontier
 
 estimate_after() {  # the summed estimates of the parts after $1
   local seen="" total=0 entry
@@ -178,6 +188,8 @@ STATUS_ROWS=()
 run_part() {  # name estimate cap
   local name=$1 estimate=$2 cap=$(($3 * SLOWER))
   local reserve=$(($(estimate_after "$name") * SLOWER))
+  # The build is never cut short to leave time for later parts: they need what it builds.
+  [ "$name" = build ] && reserve=0
   local left=$((START + DEADLINE_SECONDS * SLOWER - $(date +%s) - reserve))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 5 ]; then
@@ -241,6 +253,7 @@ section() {  # a heading, then what the command prints (nothing if its log is mi
   section tests grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log"
   section sanitizer tail -n 5 "$OUT/sanitizer.log"
   section "kernel table" tables "$OUT/kernel_table.log"
+  section "Triton tiling" tables "$OUT/tiling.log"
   section "host time per Triton call" tables "$OUT/host_time.log"
   section "optimizer step" tables "$OUT/optimizer_step.log"
   section "end-to-end step" tables "$OUT/e2e_step.log"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from badam_kernels.triton_ops import utils
 from badam_kernels.triton_ops.adam_math import (
     adamw_update,
     fp32_to_bf16_stochastic,
@@ -21,8 +22,6 @@ from badam_kernels.triton_ops.adam_math import (
     to_fp32,
 )
 from badam_kernels.triton_ops.utils import (
-    BLOCK,
-    NUM_WARPS,
     TRITON_DTYPES,
     VECTOR_BYTES,
     device_context,
@@ -242,7 +241,7 @@ def fused_adamw_triton(
                     MASTER_DTYPE=_MASTER_DTYPES[master_weights],
                     MASTER_MODE=_MASTER_MODE_IDS[master_weights], STOCHASTIC=stochastic_rounding,
                     HAS_GRAD_MUL=grad_mul is not None, HAS_FOUND_INF=found_inf is not None,
-                    BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    BLOCK=utils.BLOCK, num_warps=utils.NUM_WARPS,
                     # No mul+add -> fma contraction: every backend rounds each op as adam_math.h does.
                     enable_fp_fusion=False,
                 )  # fmt: skip

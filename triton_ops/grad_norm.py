@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from badam_kernels.triton_ops import utils
 from badam_kernels.triton_ops.adam_math import to_fp32
 from badam_kernels.triton_ops.utils import (
-    BLOCK,
-    NUM_WARPS,
     TRITON_DTYPES,
     VECTOR_BYTES,
     device_context,
@@ -72,8 +71,8 @@ def grad_norm_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
             launch_partials = torch.empty(launch.num_programs, dtype=torch.float32, device=device)
             with device_context(device):
                 _sum_of_squares_kernel[(launch.num_programs,)](
-                    launch.table, launch.chunk, launch_partials, DTYPE=TRITON_DTYPES[dtype], BLOCK=BLOCK,
-                    num_warps=NUM_WARPS,
+                    launch.table, launch.chunk, launch_partials, DTYPE=TRITON_DTYPES[dtype],
+                    BLOCK=utils.BLOCK, num_warps=utils.NUM_WARPS,
                     # acc + x * x as one fma rounds once: slightly more accurate, still deterministic.
                     enable_fp_fusion=True,
                 )  # fmt: skip

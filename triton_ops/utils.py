@@ -41,6 +41,7 @@ import triton.language as tl
 # REGISTER_BUDGET and no spills), so 4 blocks (1024 threads) share an SM and keep loads in flight.
 # A misaligned tensor takes blocks of BLOCK // 4 with scalar accesses: wider scalar blocks need
 # almost twice the registers.
+# The launchers read both at call time, so bench/triton_tiling.py can compare other tilings.
 BLOCK = 1024
 NUM_WARPS = 8
 # Registers per thread the kernels must stay within (checked for sm_90): 64 lets 4 blocks of 256
