@@ -65,10 +65,13 @@ def adamw_block(sizes: list[int], device, *, misaligned: int | None = None):
     tensors = []
     for i, n in enumerate(sizes):
         offset = 1 if i == misaligned else 0
-        p = torch.randn(n + offset, generator=gen).to(torch.bfloat16)[offset:]
-        g = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
-        tensors.append((p, g, torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.int16)))
-    return [[t[role].to(device) for t in tensors] for role in range(5)]
+        p = torch.randn(n + offset, generator=gen).to(device, torch.bfloat16)[offset:]
+        g = (torch.randn(n, generator=gen) * 1e-2).to(device, torch.bfloat16)
+        zeros = [
+            torch.zeros(n, dtype=dtype, device=device) for dtype in (torch.float32,) * 2 + (torch.int16,)
+        ]
+        tensors.append((p, g, *zeros))
+    return [[t[role] for t in tensors] for role in range(5)]
 
 
 def step(block, *, step: int, seed: int = 0, stochastic: bool = False, grad_mul=None) -> None:
