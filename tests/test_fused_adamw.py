@@ -2,14 +2,23 @@
 
 Each step is judged from the state the kernel itself produced in the previous step (the oracle
 is re-anchored), so three steps test the update with non-zero Adam state and masters without
-letting one legitimate rounding difference grow. Tolerances: see kernel_checks.
+letting one legitimate rounding difference grow. Tolerances: see badam_kernels/verification.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import AdamState, apply_step, bits, check_step, make_state, oracle_step, random_grads
+
+from badam_kernels.verification import (
+    AdamState,
+    apply_step,
+    bits,
+    check_step,
+    make_state,
+    oracle_step,
+    random_grads,
+)
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 SIZES = [0, 1, 3, 1023, 65537]

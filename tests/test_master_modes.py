@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import AdamState, apply_step, bits, make_state, random_grads
 
 from badam_kernels import reference
+from badam_kernels.verification import AdamState, apply_step, bits, make_state, random_grads
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32], ids=["grad_bf16", "grad_fp32"])

@@ -7,9 +7,17 @@ import math
 
 import pytest
 import torch
-from kernel_checks import AdamState, apply_step, bits, check_step, make_state, oracle_step, random_grads
 
 from badam_kernels import reference
+from badam_kernels.verification import (
+    AdamState,
+    apply_step,
+    bits,
+    check_step,
+    make_state,
+    oracle_step,
+    random_grads,
+)
 
 BF16_ULP_BELOW_ONE = 2.0**-8  # spacing of bf16 in [0.5, 1)
 N_UNBIASED = 1 << 20

@@ -10,35 +10,41 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from badam_kernels.triton_ops import utils
 from badam_kernels.triton_ops.adam_math import (
     adamw_update,
     fp32_to_bf16_stochastic,
     from_fp32_rne,
+    mix32,
     remainder_decode,
     remainder_encode,
     sr_bits,
     to_fp32,
 )
 from badam_kernels.triton_ops.utils import (
-    BLOCK,
-    NUM_WARPS,
     TRITON_DTYPES,
     VECTOR_BYTES,
-    build_launch_tables,
     device_context,
     group_by,
+    launch_tables,
+    locate_chunk,
+    table_entry,
+    vector_ok,
 )
 
-from badam_kernels.reference import AdamScalars, sr_key
+from badam_kernels.reference import AdamScalars, fold_seed
 
-# Rows of the tensor table (utils.py): five pointer rows, then numel and the stochastic-rounding key.
+# Rows of the launch table (utils.py): five pointer rows, numel, the two rows utils.py adds, then
+# the tensor's index in the caller's list (the stochastic-rounding stream is keyed by it).
+NUM_POINTERS = 5
+_NUM_POINTERS = tl.constexpr(NUM_POINTERS)
 _ROW_PARAM = tl.constexpr(0)
 _ROW_GRAD = tl.constexpr(1)
 _ROW_EXP_AVG = tl.constexpr(2)
 _ROW_EXP_AVG_SQ = tl.constexpr(3)
 _ROW_MASTER = tl.constexpr(4)
 _ROW_NUMEL = tl.constexpr(5)
-_ROW_SR_KEY = tl.constexpr(6)
+_ROW_INDEX = tl.constexpr(8)
 
 _VECTOR_BYTES = tl.constexpr(VECTOR_BYTES)
 _MASTER_FP32 = tl.constexpr(1)
@@ -48,11 +54,19 @@ _MASTER_DTYPES = {"none": tl.float32, "fp32": tl.float32, "remainder": tl.int16}
 
 
 @triton.jit
-def _table_pointer(tensor_table, row, num_tensors, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(tensor_table + row * num_tensors + column).to(tl.pointer_type(DTYPE))
+def _table_pointer(table, row, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = table_entry(table, row, column).to(tl.pointer_type(DTYPE))
     if ALIGNED:
+        # multiple_of marks the loaded value itself, so each branch of the kernel loads its own.
         ptr = tl.multiple_of(ptr, _VECTOR_BYTES)
     return ptr
+
+
+@triton.jit
+def _sr_key(seed32, step32, tensor_index):
+    """sr_key of adam_math.h: the stochastic-rounding key of one tensor for this step."""
+    index_hash = mix32(tensor_index.to(tl.uint32) ^ 0x9E3779B9)
+    return mix32(seed32.to(tl.uint32, bitcast=True) ^ mix32(step32.to(tl.uint32, bitcast=True) ^ index_hash))
 
 
 @triton.jit
@@ -94,49 +108,85 @@ def _adamw_block(
 
 
 @triton.jit
-def _fused_adamw_kernel(
-    tensor_table, num_tensors, program_table, num_programs, chunk, grad_mul_ptr, found_inf_ptr,
+def _adamw_chunk(
+    table, column, start, end, grad_mul, key,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MASTER_DTYPE: tl.constexpr,
     MASTER_MODE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_GRAD_MUL: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    column = tl.load(program_table + pid)
-    start = tl.multiple_of(tl.load(program_table + num_programs + pid), BLOCK)
-    numel = tl.load(tensor_table + _ROW_NUMEL * num_tensors + column)
-    key = tl.load(tensor_table + _ROW_SR_KEY * num_tensors + column).to(tl.uint32)
-    param_ptr = _table_pointer(tensor_table, _ROW_PARAM, num_tensors, column, PARAM_DTYPE, ALIGNED)
-    grad_ptr = _table_pointer(tensor_table, _ROW_GRAD, num_tensors, column, GRAD_DTYPE, ALIGNED)
-    exp_avg_ptr = _table_pointer(tensor_table, _ROW_EXP_AVG, num_tensors, column, tl.float32, ALIGNED)
-    exp_avg_sq_ptr = _table_pointer(tensor_table, _ROW_EXP_AVG_SQ, num_tensors, column, tl.float32, ALIGNED)
-    master_ptr = _table_pointer(tensor_table, _ROW_MASTER, num_tensors, column, MASTER_DTYPE, ALIGNED)
-    grad_mul = 1.0
-    if HAS_GRAD_MUL:
-        grad_mul = tl.load(grad_mul_ptr)
+    """Elements [start, end) of the tensor in `column`, one BLOCK at a time. Whole blocks need no
+    bounds mask, which keeps their loads and stores vectorised (a mask against a bound loaded at run
+    time has unknown alignment); only the last block is masked."""
+    param_ptr = _table_pointer(table, _ROW_PARAM, column, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _table_pointer(table, _ROW_GRAD, column, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = _table_pointer(table, _ROW_EXP_AVG, column, tl.float32, ALIGNED)
+    exp_avg_sq_ptr = _table_pointer(table, _ROW_EXP_AVG_SQ, column, tl.float32, ALIGNED)
+    master_ptr = _table_pointer(table, _ROW_MASTER, column, MASTER_DTYPE, ALIGNED)
+    lanes = tl.arange(0, BLOCK)
+    full_end = start + (end - start) // BLOCK * BLOCK
+    block_start = start
+    # A while loop: Triton 3.6's interpreter cannot take `range()` of a run-time value under
+    # numpy >= 2.4. The loop-carried start needs its multiple_of hint again in every iteration.
+    while block_start < full_end:
+        _adamw_block(
+            tl.multiple_of(block_start, BLOCK) + lanes, None, param_ptr, grad_ptr, exp_avg_ptr,
+            exp_avg_sq_ptr, master_ptr, grad_mul, key, beta1, one_minus_beta1, beta2, one_minus_beta2,
+            eps, decay, step_size, bc2_sqrt, PARAM_DTYPE, MASTER_MODE, STOCHASTIC, HAS_GRAD_MUL,
+        )  # fmt: skip
+        block_start += BLOCK
+    if full_end < end:
+        tail_offs = full_end + lanes
+        _adamw_block(
+            tail_offs, tail_offs < end, param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr,
+            grad_mul, key, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+            bc2_sqrt, PARAM_DTYPE, MASTER_MODE, STOCHASTIC, HAS_GRAD_MUL,
+        )  # fmt: skip
+
+
+# Values that change between calls or blocks are not specialised on (no recompile per block).
+@triton.jit(do_not_specialize=["chunk", "grad_mul_ptr", "found_inf_ptr", "seed32", "step32"])
+def _fused_adamw_kernel(
+    table, chunk, grad_mul_ptr, found_inf_ptr, seed32, step32,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MASTER_DTYPE: tl.constexpr,
+    MASTER_MODE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_GRAD_MUL: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     # A skipped step (found_inf != 0) loads and writes nothing; the host never waits for the flag.
     keep = True
     if HAS_FOUND_INF:
         keep = tl.load(found_inf_ptr) == 0
     if keep:
-        # Whole blocks need no bounds mask, which keeps their loads and stores vectorised (a mask
-        # against a numel loaded at run time has unknown alignment); only the last block is masked.
-        end = tl.minimum(start + chunk, numel)
-        lanes = tl.arange(0, BLOCK)
-        num_full = (end - start) // BLOCK
-        for b in range(num_full):
-            _adamw_block(
-                start + b * BLOCK + lanes, None, param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                master_ptr, grad_mul, key, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
-                step_size, bc2_sqrt, PARAM_DTYPE, MASTER_MODE, STOCHASTIC, HAS_GRAD_MUL,
+        column, chunk_index = locate_chunk(table, _NUM_POINTERS)
+        start = tl.multiple_of(chunk_index.to(tl.int64) * chunk, BLOCK)
+        end = tl.minimum(start + chunk, table_entry(table, _ROW_NUMEL, column))
+        grad_mul = 1.0
+        if HAS_GRAD_MUL:
+            grad_mul = tl.load(grad_mul_ptr)
+        key = tl.zeros([], tl.uint32)
+        if STOCHASTIC:
+            key = _sr_key(seed32, step32, table_entry(table, _ROW_INDEX, column))
+        # Alignment is decided per tensor, as in the CUDA kernel: the aligned branch is compiled
+        # with vector accesses, the other with scalar ones in smaller blocks (utils.py says why).
+        if vector_ok(table, column, _NUM_POINTERS):
+            _adamw_chunk(
+                table, column, start, end, grad_mul, key, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                eps, decay, step_size, bc2_sqrt, PARAM_DTYPE, GRAD_DTYPE, MASTER_DTYPE, MASTER_MODE,
+                STOCHASTIC, HAS_GRAD_MUL, True, BLOCK,
             )  # fmt: skip
-        tail_offs = start + num_full * BLOCK + lanes
-        if start + num_full * BLOCK < end:
-            _adamw_block(
-                tail_offs, tail_offs < end, param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                master_ptr, grad_mul, key, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
-                step_size, bc2_sqrt, PARAM_DTYPE, MASTER_MODE, STOCHASTIC, HAS_GRAD_MUL,
+        else:
+            _adamw_chunk(
+                table, column, start, end, grad_mul, key, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                eps, decay, step_size, bc2_sqrt, PARAM_DTYPE, GRAD_DTYPE, MASTER_DTYPE, MASTER_MODE,
+                STOCHASTIC, HAS_GRAD_MUL, False, BLOCK // 4,
             )  # fmt: skip
+
+
+def _as_int32(value: int) -> int:
+    """A uint32 as the int32 with the same bits: Triton types an int argument by its value, and an
+    argument that is sometimes i32 and sometimes i64 would compile the kernel twice."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def fused_adamw_triton(
@@ -167,34 +217,31 @@ def fused_adamw_triton(
     """
     if not params:
         return
-    scalars = AdamScalars.make(lr, beta1, beta2, eps, weight_decay, step).as_fp32()
+    # Python floats reach the kernel as fp32 arguments, rounded to nearest, the values
+    # AdamScalars.as_fp32() gives (whose torch.tensor calls would cost 30 us per call here).
+    scalars = AdamScalars.make(lr, beta1, beta2, eps, weight_decay, step)
     device = params[0].device
     groups = group_by([(p.dtype, g.dtype) for p, g in zip(params, grads)])
     for (param_dtype, grad_dtype), indices in groups.items():
-        pointer_rows = [
-            [params[i].data_ptr() for i in indices],
-            [grads[i].data_ptr() for i in indices],
-            [exp_avgs[i].data_ptr() for i in indices],
-            [exp_avg_sqs[i].data_ptr() for i in indices],
-            [masters[i].data_ptr() if masters else 0 for i in indices],
-        ]
-        numels = [params[i].numel() for i in indices]
-        # The key depends on the tensor's index in the whole call, not in its dtype group.
-        keys = [sr_key(seed, step, i) if stochastic_rounding else 0 for i in indices]
-        tables = build_launch_tables(pointer_rows, [numels, keys], numels, device)
-        if tables is None:  # only empty tensors
-            continue
-        with device_context(device):
-            _fused_adamw_kernel[(tables.num_programs,)](
-                tables.tensor_table, tables.num_tensors, tables.program_table, tables.num_programs,
-                tables.chunk, grad_mul, found_inf,
-                scalars.beta1, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
-                scalars.eps, scalars.decay, scalars.step_size, scalars.bc2_sqrt,
-                PARAM_DTYPE=TRITON_DTYPES[param_dtype], GRAD_DTYPE=TRITON_DTYPES[grad_dtype],
-                MASTER_DTYPE=_MASTER_DTYPES[master_weights],
-                MASTER_MODE=_MASTER_MODE_IDS[master_weights], STOCHASTIC=stochastic_rounding,
-                HAS_GRAD_MUL=grad_mul is not None, HAS_FOUND_INF=found_inf is not None,
-                ALIGNED=tables.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                # No mul+add -> fma contraction: every backend rounds each op as adam_math.h does.
-                enable_fp_fusion=False,
-            )  # fmt: skip
+        columns = [
+            (
+                params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                masters[i].data_ptr() if masters else 0, params[i].numel(), i,
+            )
+            for i in indices
+        ]  # fmt: skip
+        for launch in launch_tables(columns, NUM_POINTERS, device):
+            with device_context(device):
+                _fused_adamw_kernel[(launch.num_programs,)](
+                    launch.table, launch.chunk, grad_mul, found_inf,
+                    _as_int32(fold_seed(seed)), _as_int32(step & 0xFFFFFFFF),
+                    scalars.beta1, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
+                    scalars.eps, scalars.decay, scalars.step_size, scalars.bc2_sqrt,
+                    PARAM_DTYPE=TRITON_DTYPES[param_dtype], GRAD_DTYPE=TRITON_DTYPES[grad_dtype],
+                    MASTER_DTYPE=_MASTER_DTYPES[master_weights],
+                    MASTER_MODE=_MASTER_MODE_IDS[master_weights], STOCHASTIC=stochastic_rounding,
+                    HAS_GRAD_MUL=grad_mul is not None, HAS_FOUND_INF=found_inf is not None,
+                    BLOCK=utils.BLOCK, num_warps=utils.NUM_WARPS,
+                    # No mul+add -> fma contraction: every backend rounds each op as adam_math.h does.
+                    enable_fp_fusion=False,
+                )  # fmt: skip

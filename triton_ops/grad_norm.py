@@ -10,44 +10,54 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from badam_kernels.triton_ops import utils
 from badam_kernels.triton_ops.adam_math import to_fp32
 from badam_kernels.triton_ops.utils import (
-    BLOCK,
-    NUM_WARPS,
     TRITON_DTYPES,
     VECTOR_BYTES,
-    build_launch_tables,
     device_context,
     group_by,
+    launch_tables,
+    locate_chunk,
+    table_entry,
+    vector_ok,
 )
 
 _VECTOR_BYTES = tl.constexpr(VECTOR_BYTES)
+# Rows of the launch table (utils.py): the data pointer, then numel.
+NUM_POINTERS = 1
+_NUM_POINTERS = tl.constexpr(NUM_POINTERS)
+_ROW_DATA = tl.constexpr(0)
+_ROW_NUMEL = tl.constexpr(1)
 
 
 @triton.jit
-def _sum_of_squares_kernel(
-    tensor_table, num_tensors, program_table, num_programs, chunk, partials,
-    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    column = tl.load(program_table + pid)
-    start = tl.multiple_of(tl.load(program_table + num_programs + pid), BLOCK)
-    numel = tl.load(tensor_table + num_tensors + column)  # row 1: numel
-    ptr = tl.load(tensor_table + column).to(tl.pointer_type(DTYPE))  # row 0: data pointer
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, _VECTOR_BYTES)
-
-    end = tl.minimum(start + chunk, numel)
+def _chunk_sum_of_squares(ptr, start, end, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
-    num_full = (end - start) // BLOCK
+    full_end = start + (end - start) // BLOCK * BLOCK
     acc = tl.zeros([BLOCK], tl.float32)
-    for b in range(num_full):  # whole blocks: unmasked, vectorised loads
-        x = to_fp32(tl.load(ptr + start + b * BLOCK + lanes))
+    block_start = start
+    while block_start < full_end:  # whole blocks: unmasked, vectorised loads (see fused_adamw.py)
+        x = to_fp32(tl.load(ptr + tl.multiple_of(block_start, BLOCK) + lanes))
         acc += x * x
-    tail_offs = start + num_full * BLOCK + lanes
+        block_start += BLOCK
+    tail_offs = full_end + lanes
     x = to_fp32(tl.load(ptr + tail_offs, mask=tail_offs < end, other=0.0))
     acc += x * x
-    tl.store(partials + pid, tl.sum(acc, axis=0))
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit(do_not_specialize=["chunk"])
+def _sum_of_squares_kernel(table, chunk, partials, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    column, chunk_index = locate_chunk(table, _NUM_POINTERS)
+    start = tl.multiple_of(chunk_index.to(tl.int64) * chunk, BLOCK)
+    end = tl.minimum(start + chunk, table_entry(table, _ROW_NUMEL, column))
+    ptr = table_entry(table, _ROW_DATA, column).to(tl.pointer_type(DTYPE))
+    if vector_ok(table, column, _NUM_POINTERS):
+        total = _chunk_sum_of_squares(tl.multiple_of(ptr, _VECTOR_BYTES), start, end, BLOCK)
+    else:
+        total = _chunk_sum_of_squares(ptr, start, end, BLOCK // 4)
+    tl.store(partials + tl.program_id(0), total)
 
 
 def grad_norm_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -56,21 +66,17 @@ def grad_norm_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     partials = []
     for dtype, indices in group_by([t.dtype for t in tensors]).items():
-        numels = [tensors[i].numel() for i in indices]
-        pointers = [tensors[i].data_ptr() for i in indices]
-        tables = build_launch_tables([pointers], [numels], numels, device)
-        if tables is None:  # only empty tensors
-            continue
-        group_partials = torch.empty(tables.num_programs, dtype=torch.float32, device=device)
-        with device_context(device):
-            _sum_of_squares_kernel[(tables.num_programs,)](
-                tables.tensor_table, tables.num_tensors, tables.program_table, tables.num_programs,
-                tables.chunk, group_partials, DTYPE=TRITON_DTYPES[dtype], ALIGNED=tables.aligned,
-                BLOCK=BLOCK, num_warps=NUM_WARPS,
-                # acc + x * x as one fma rounds once: slightly more accurate, still deterministic.
-                enable_fp_fusion=True,
-            )  # fmt: skip
-        partials.append(group_partials)
+        columns = [(tensors[i].data_ptr(), tensors[i].numel()) for i in indices]
+        for launch in launch_tables(columns, NUM_POINTERS, device):
+            launch_partials = torch.empty(launch.num_programs, dtype=torch.float32, device=device)
+            with device_context(device):
+                _sum_of_squares_kernel[(launch.num_programs,)](
+                    launch.table, launch.chunk, launch_partials, DTYPE=TRITON_DTYPES[dtype],
+                    BLOCK=utils.BLOCK, num_warps=utils.NUM_WARPS,
+                    # acc + x * x as one fma rounds once: slightly more accurate, still deterministic.
+                    enable_fp_fusion=True,
+                )  # fmt: skip
+            partials.append(launch_partials)
     if not partials:
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.cat(partials).to(torch.float64).sum().sqrt().to(torch.float32)

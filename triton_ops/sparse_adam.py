@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from badam_kernels.triton_ops import utils
 from badam_kernels.triton_ops.adam_math import (
     from_fp32_rne,
     remainder_decode,
@@ -27,17 +28,21 @@ from badam_kernels.triton_ops.fused_adamw import (
     _table_pointer,
 )
 from badam_kernels.triton_ops.utils import (
-    BLOCK,
-    NUM_WARPS,
     TRITON_DTYPES,
-    build_launch_tables,
     device_context,
     group_by,
+    launch_tables,
+    locate_chunk,
+    table_entry,
+    vector_ok,
 )
 
 from badam_kernels.reference import SparseAdamScalars
 
-# Rows of the tensor table (utils.py): six pointer rows, then the compact and the param numel.
+# Rows of the launch table (utils.py): six pointer rows (the index pointer is 0 for a contiguous
+# run), the compact numel, the two rows utils.py adds, then the parameter's numel.
+NUM_POINTERS = 6
+_NUM_POINTERS = tl.constexpr(NUM_POINTERS)
 _ROW_PARAM = tl.constexpr(0)
 _ROW_GRAD = tl.constexpr(1)
 _ROW_EXP_AVG = tl.constexpr(2)
@@ -45,7 +50,7 @@ _ROW_EXP_AVG_SQ = tl.constexpr(3)
 _ROW_MASTER = tl.constexpr(4)
 _ROW_INDEX = tl.constexpr(5)
 _ROW_NUMEL = tl.constexpr(6)
-_ROW_PARAM_NUMEL = tl.constexpr(7)
+_ROW_PARAM_NUMEL = tl.constexpr(9)
 
 _INDEX_DTYPES = {None: tl.int32, torch.int32: tl.int32, torch.int64: tl.int64}
 
@@ -95,43 +100,67 @@ def _sparse_adam_block(
 
 
 @triton.jit
-def _sparse_adam_kernel(
-    tensor_table, num_tensors, program_table, num_programs, chunk, grad_mul_ptr,
-    one_minus_beta1, one_minus_beta2, eps, step_size,
+def _sparse_adam_chunk(
+    table, column, start, end, param_numel, grad_mul, one_minus_beta1, one_minus_beta2, eps, step_size,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MASTER_DTYPE: tl.constexpr,
     INDEX_DTYPE: tl.constexpr, MASTER_MODE: tl.constexpr, INDEXED: tl.constexpr, HAS_GRAD_MUL: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    column = tl.load(program_table + pid)
-    start = tl.multiple_of(tl.load(program_table + num_programs + pid), BLOCK)
-    numel = tl.load(tensor_table + _ROW_NUMEL * num_tensors + column)
-    param_numel = tl.load(tensor_table + _ROW_PARAM_NUMEL * num_tensors + column)
-    param_ptr = _table_pointer(tensor_table, _ROW_PARAM, num_tensors, column, PARAM_DTYPE, ALIGNED)
-    grad_ptr = _table_pointer(tensor_table, _ROW_GRAD, num_tensors, column, GRAD_DTYPE, ALIGNED)
-    exp_avg_ptr = _table_pointer(tensor_table, _ROW_EXP_AVG, num_tensors, column, tl.float32, ALIGNED)
-    exp_avg_sq_ptr = _table_pointer(tensor_table, _ROW_EXP_AVG_SQ, num_tensors, column, tl.float32, ALIGNED)
-    master_ptr = _table_pointer(tensor_table, _ROW_MASTER, num_tensors, column, MASTER_DTYPE, ALIGNED)
-    index_ptr = _table_pointer(tensor_table, _ROW_INDEX, num_tensors, column, INDEX_DTYPE, ALIGNED)
-    grad_mul = 1.0
-    if HAS_GRAD_MUL:
-        grad_mul = tl.load(grad_mul_ptr)
-    # Whole blocks need no bounds mask (see fused_adamw.py); only the last block is masked.
-    end = tl.minimum(start + chunk, numel)
+    """Entries [start, end) of the selection in `column`, one BLOCK at a time; as in fused_adamw.py
+    whole blocks need no bounds mask and only the last block is masked."""
+    param_ptr = _table_pointer(table, _ROW_PARAM, column, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _table_pointer(table, _ROW_GRAD, column, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = _table_pointer(table, _ROW_EXP_AVG, column, tl.float32, ALIGNED)
+    exp_avg_sq_ptr = _table_pointer(table, _ROW_EXP_AVG_SQ, column, tl.float32, ALIGNED)
+    master_ptr = _table_pointer(table, _ROW_MASTER, column, MASTER_DTYPE, ALIGNED)
+    index_ptr = _table_pointer(table, _ROW_INDEX, column, INDEX_DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
-    num_full = (end - start) // BLOCK
-    for b in range(num_full):
+    full_end = start + (end - start) // BLOCK * BLOCK
+    block_start = start
+    # A while loop, not range() of a run-time value: Triton 3.6's interpreter (see fused_adamw.py).
+    while block_start < full_end:
         _sparse_adam_block(
-            start + b * BLOCK + lanes, None, param_ptr, index_ptr, param_numel, grad_ptr, exp_avg_ptr,
-            exp_avg_sq_ptr, master_ptr, grad_mul, one_minus_beta1, one_minus_beta2, eps, step_size,
-            PARAM_DTYPE, MASTER_MODE, INDEXED, HAS_GRAD_MUL,
+            tl.multiple_of(block_start, BLOCK) + lanes, None, param_ptr, index_ptr, param_numel, grad_ptr,
+            exp_avg_ptr, exp_avg_sq_ptr, master_ptr, grad_mul, one_minus_beta1, one_minus_beta2, eps,
+            step_size, PARAM_DTYPE, MASTER_MODE, INDEXED, HAS_GRAD_MUL,
         )  # fmt: skip
-    tail_offs = start + num_full * BLOCK + lanes
-    if start + num_full * BLOCK < end:
+        block_start += BLOCK
+    if full_end < end:
+        tail_offs = full_end + lanes
         _sparse_adam_block(
             tail_offs, tail_offs < end, param_ptr, index_ptr, param_numel, grad_ptr, exp_avg_ptr,
             exp_avg_sq_ptr, master_ptr, grad_mul, one_minus_beta1, one_minus_beta2, eps, step_size,
             PARAM_DTYPE, MASTER_MODE, INDEXED, HAS_GRAD_MUL,
+        )  # fmt: skip
+
+
+# Values that change between calls are not specialised on (no recompile per period or step).
+@triton.jit(do_not_specialize=["chunk", "grad_mul_ptr"])
+def _sparse_adam_kernel(
+    table, chunk, grad_mul_ptr, one_minus_beta1, one_minus_beta2, eps, step_size,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MASTER_DTYPE: tl.constexpr,
+    INDEX_DTYPE: tl.constexpr, MASTER_MODE: tl.constexpr, INDEXED: tl.constexpr, HAS_GRAD_MUL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    column, chunk_index = locate_chunk(table, _NUM_POINTERS)
+    start = tl.multiple_of(chunk_index.to(tl.int64) * chunk, BLOCK)
+    end = tl.minimum(start + chunk, table_entry(table, _ROW_NUMEL, column))
+    param_numel = table_entry(table, _ROW_PARAM_NUMEL, column)
+    grad_mul = 1.0
+    if HAS_GRAD_MUL:
+        grad_mul = tl.load(grad_mul_ptr)
+    # Alignment per selection, as in fused_adamw.py: vector accesses only where every pointer allows.
+    if vector_ok(table, column, _NUM_POINTERS):
+        _sparse_adam_chunk(
+            table, column, start, end, param_numel, grad_mul, one_minus_beta1, one_minus_beta2, eps,
+            step_size, PARAM_DTYPE, GRAD_DTYPE, MASTER_DTYPE, INDEX_DTYPE, MASTER_MODE, INDEXED,
+            HAS_GRAD_MUL, True, BLOCK,
+        )  # fmt: skip
+    else:
+        _sparse_adam_chunk(
+            table, column, start, end, param_numel, grad_mul, one_minus_beta1, one_minus_beta2, eps,
+            step_size, PARAM_DTYPE, GRAD_DTYPE, MASTER_DTYPE, INDEX_DTYPE, MASTER_MODE, INDEXED,
+            HAS_GRAD_MUL, False, BLOCK // 4,
         )  # fmt: skip
 
 
@@ -161,28 +190,23 @@ def sparse_adam_triton(
     index_dtypes = [indices[i].dtype if indices else None for i in range(len(params))]
     groups = group_by([(p.dtype, g.dtype, d) for p, g, d in zip(params, grads, index_dtypes)])
     for (param_dtype, grad_dtype, index_dtype), members in groups.items():
-        pointer_rows = [
-            [params[i].data_ptr() for i in members],
-            [grads[i].data_ptr() for i in members],
-            [exp_avgs[i].data_ptr() for i in members],
-            [exp_avg_sqs[i].data_ptr() for i in members],
-            [masters[i].data_ptr() if masters else 0 for i in members],
-            [indices[i].data_ptr() if indices else 0 for i in members],
-        ]
-        numels = [grads[i].numel() for i in members]
-        param_numels = [params[i].numel() for i in members]
-        tables = build_launch_tables(pointer_rows, [numels, param_numels], numels, device)
-        if tables is None:  # only empty selections
-            continue
-        with device_context(device):
-            _sparse_adam_kernel[(tables.num_programs,)](
-                tables.tensor_table, tables.num_tensors, tables.program_table, tables.num_programs,
-                tables.chunk, grad_mul, scalars.one_minus_beta1, scalars.one_minus_beta2, scalars.eps,
-                scalars.step_size,
-                PARAM_DTYPE=TRITON_DTYPES[param_dtype], GRAD_DTYPE=TRITON_DTYPES[grad_dtype],
-                MASTER_DTYPE=_MASTER_DTYPES[master_weights], INDEX_DTYPE=_INDEX_DTYPES[index_dtype],
-                MASTER_MODE=_MASTER_MODE_IDS[master_weights], INDEXED=index_dtype is not None,
-                HAS_GRAD_MUL=grad_mul is not None, ALIGNED=tables.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                # No mul+add -> fma contraction: every backend rounds each op as adam_math.h does.
-                enable_fp_fusion=False,
-            )  # fmt: skip
+        columns = [
+            (
+                params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                masters[i].data_ptr() if masters else 0, indices[i].data_ptr() if indices else 0,
+                grads[i].numel(), params[i].numel(),
+            )
+            for i in members
+        ]  # fmt: skip
+        for launch in launch_tables(columns, NUM_POINTERS, device):
+            with device_context(device):
+                _sparse_adam_kernel[(launch.num_programs,)](
+                    launch.table, launch.chunk, grad_mul, scalars.one_minus_beta1, scalars.one_minus_beta2,
+                    scalars.eps, scalars.step_size,
+                    PARAM_DTYPE=TRITON_DTYPES[param_dtype], GRAD_DTYPE=TRITON_DTYPES[grad_dtype],
+                    MASTER_DTYPE=_MASTER_DTYPES[master_weights], INDEX_DTYPE=_INDEX_DTYPES[index_dtype],
+                    MASTER_MODE=_MASTER_MODE_IDS[master_weights], INDEXED=index_dtype is not None,
+                    HAS_GRAD_MUL=grad_mul is not None, BLOCK=utils.BLOCK, num_warps=utils.NUM_WARPS,
+                    # No mul+add -> fma contraction: every backend rounds each op as adam_math.h does.
+                    enable_fp_fusion=False,
+                )  # fmt: skip

@@ -1,5 +1,5 @@
-"""Helpers for the fused-AdamW tests: random optimizer states, the fp64 oracle step and the
-tolerance checks.
+"""How a fused-AdamW result is judged, shared by the test suite and `python -m badam_kernels.check`:
+random optimizer states, the fp64 oracle step and the tolerance checks (which raise AssertionError).
 
 How results are judged (per element, against reference.py computed in fp64 on the same inputs):
 - fp32 quantities (exp_avg, exp_avg_sq, fp32 masters, decoded remainder masters, fp32 params) are
@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import badam_kernels
-from badam_kernels import reference
+from badam_kernels import ops, reference
 
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 FP32_UNIT_ROUNDOFF = 2.0**-24
@@ -93,7 +92,7 @@ def make_state(
 
 def apply_step(state: AdamState, grads: list[torch.Tensor], *, backend: str, step: int, **kwargs) -> None:
     """One badam_kernels.fused_adamw_ call on `state` (HYPER unless overridden in kwargs)."""
-    badam_kernels.fused_adamw_(
+    ops.fused_adamw_(
         state.params, grads, state.exp_avgs, state.exp_avg_sqs, step=step,
         master_weights=state.master_weights, masters=state.masters or None, backend=backend,
         **{**HYPER, **kwargs},
@@ -220,9 +219,8 @@ def check_step(
             assert_fp32_close(f"{after.master_weights} master[{i}]", weights[i], w_exact, w_tol)
         if after.master_weights == "fp32":
             rne = after.masters[i].to(p.dtype)
-            assert torch.equal(p.view(torch.int16), rne.view(torch.int16)), (
-                f"params[{i}] is not the round-to-nearest-even copy of its fp32 master"
-            )
+            if not torch.equal(p.view(torch.int16), rne.view(torch.int16)):
+                raise AssertionError(f"params[{i}] is not the round-to-nearest-even copy of its fp32 master")
         base = None if baseline is None else baseline.params[i]
         assert_rounded_from(f"params[{i}] ({p.dtype})", p, w_exact, w_tol, base)
 
