@@ -54,10 +54,10 @@ def expected_vectors(dtypes: list[torch.dtype]) -> dict[str, int]:
     return counts
 
 
-def check_resources(report: dict) -> None:
+def check_resources(report: dict, budget: int = utils.REGISTER_BUDGET) -> None:
     usage = report["usage"]
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"registers spill to local memory: {usage}"
-    assert usage["REG"] <= utils.REGISTER_BUDGET, f"{usage['REG']} registers > {utils.REGISTER_BUDGET}"
+    assert usage["REG"] <= budget, f"{usage['REG']} registers > {budget}"
     assert report["scalar_loads"], "no scalar loads: where are the misaligned path and the tail?"
 
 
@@ -79,15 +79,15 @@ def test_fused_adamw(sm90, variant):
 
 @pytest.mark.parametrize("variant", SPARSE_VARIANTS, ids=sparse_id)
 def test_sparse_adam(sm90, variant):
-    """Runs vectorise like AdamW; with indices the selection's compact tensors (and the indices)
-    are vectorised and the parameter's gathered entries are scalar."""
+    """Runs vectorise like AdamW. With indices only the index load is a vector: every other access
+    is masked by the per-entry range check (out-of-range indices are skipped, never written), so it
+    is scalar, and the kernel has the larger GATHER_REGISTER_BUDGET (utils.py says why)."""
     param_dtype, mode, indexed = variant
     report = sm90[sparse_id(variant)]
-    check_resources(report)
+    check_resources(report, utils.GATHER_REGISTER_BUDGET if indexed else utils.REGISTER_BUDGET)
     master = {"none": [], "fp32": [torch.float32], "remainder": [torch.int16]}[mode]
     if indexed:
-        loads = [torch.int32, param_dtype, torch.float32, torch.float32, *master]
-        stores = [torch.float32, torch.float32, *master]
+        loads, stores = [torch.int32], []
     else:
         weight_sources = master if mode == "fp32" else [param_dtype, *master]
         loads = [param_dtype, torch.float32, torch.float32, *weight_sources]

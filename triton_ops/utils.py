@@ -47,6 +47,11 @@ NUM_WARPS = 8
 # Registers per thread the kernels must stay within (checked for sm_90): 64 lets 4 blocks of 256
 # threads share the 64K registers of an SM.
 REGISTER_BUDGET = 64
+# The indexed sparse Adam kernel (badam's "scatter" masks) gathers and scatters the parameter entry
+# by entry, and masks every access by the index range check, so it keeps 64-bit addresses and masks
+# per element: 89-93 registers for sm_90, still two blocks of 256 threads per SM. Its accesses are
+# scattered anyway; the contiguous ("adjacent") variant stays within REGISTER_BUDGET.
+GATHER_REGISTER_BUDGET = 96
 # Columns of the launch table: tensors per launch. A BAdam block (one Llama layer: 9 tensors, up to
 # 48 with biases and norms of a bigger block) is one launch; longer lists take several.
 MAX_TENSORS = 64
