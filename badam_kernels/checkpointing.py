@@ -42,6 +42,7 @@ come first (an active embedding) need the full backward, so no cut is made then.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from badam_kernels.compile import WHOLE_MODEL_COMPILE_MESSAGE
 from badam_kernels.partition import LAYER_PREFIX
 
 REENTRANT_WITHOUT_GRAD_MESSAGE = (
@@ -73,6 +75,8 @@ class _ForwardWatch:
     layer: nn.Module | None = None
     training_forward: bool = False  # the model's forward runs in training mode with grad on
     layer_without_grad: str | None = None  # the cut layer ran with grad off in such a forward
+    whole_model_compiled: bool = False  # dynamo traced the model's forward
+    warned_whole_model_compiled: bool = False
 
 
 class BackwardCut:
@@ -177,6 +181,11 @@ def _any_requires_grad(value: Any) -> bool:
 
 def _model_pre_hook(watch: _ForwardWatch) -> Callable[..., None]:
     def hook(model: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():
+            # dynamo traces the whole model (the case compile.py warns about): only note it, in
+            # a way dynamo replays without a graph break; the cut layer's hook (eager) warns.
+            watch.whole_model_compiled = True
+            return
         watch.training_forward = model.training and torch.is_grad_enabled()
         watch.layer_without_grad = None
         if watch.layer is not None:
@@ -187,6 +196,8 @@ def _model_pre_hook(watch: _ForwardWatch) -> Callable[..., None]:
 
 def _model_hook(watch: _ForwardWatch) -> Callable[..., None]:
     def hook(model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         if watch.layer_without_grad is not None and watch.training_forward and not _any_requires_grad(output):
             raise RuntimeError(
                 "BlockAdamW: " + REENTRANT_WITHOUT_GRAD_MESSAGE.format(layer=watch.layer_without_grad)
@@ -197,11 +208,17 @@ def _model_hook(watch: _ForwardWatch) -> Callable[..., None]:
 
 def _layer_pre_hook(watch: _ForwardWatch) -> Callable[..., Any]:
     """Forward pre-hook on the cut layer: feed it a detached copy of a hidden state that has
-    history below; note when it runs with grad off inside a training forward."""
+    history below; note when it runs with grad off inside a training forward. Kept out of
+    torch.compile'd regions (a regionally compiled layer traces its hooks): dynamo cannot create
+    a leaf that requires grad inside a graph, nor read a tensor's grad_fn."""
 
+    @torch.compiler.disable
     def hook(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if watch.whole_model_compiled and not watch.warned_whole_model_compiled:
+            watch.warned_whole_model_compiled = True
+            warnings.warn(WHOLE_MODEL_COMPILE_MESSAGE, stacklevel=2)
         if args:
             hidden = args[0]
         elif "hidden_states" in kwargs:
@@ -231,13 +248,24 @@ class _CutBeforeCheckpoint:
 
     def __init__(self, checkpoint: Callable[..., Any]) -> None:
         self.checkpoint = checkpoint
+        self._cut_first = torch.compiler.disable(_cut_first)
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if args and _is_hidden_state(args[0]) and torch.is_grad_enabled():
-            hidden = args[0]
-            if not (hidden.requires_grad and hidden.grad_fn is None):  # else cut already
-                args = (_detached_leaf(hidden), *args[1:])
-        return self.checkpoint(function, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Traced as part of a compiled layer's forward (transformers >= 5.23 calls this from
+            # `forward`): the layer's pre-hook has run before, outside the graph, and made the cut,
+            # and dynamo turns either kind of checkpoint into one that needs no input to require
+            # grad. A cut here would only split the graph.
+            return self.checkpoint(function, *args, **kwargs)
+        return self.checkpoint(function, *self._cut_first(args), **kwargs)
+
+
+def _cut_first(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if args and _is_hidden_state(args[0]) and torch.is_grad_enabled():
+        hidden = args[0]
+        if not (hidden.requires_grad and hidden.grad_fn is None):  # else cut already
+            return (_detached_leaf(hidden), *args[1:])
+    return args
 
 
 def _wrap_checkpoint_function(layer: nn.Module) -> None:

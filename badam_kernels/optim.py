@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from badam_kernels.checkpointing import BackwardCut
+from badam_kernels.compile import WHOLE_MODEL_COMPILE_MESSAGE, is_whole_model_compiled
 from badam_kernels.distributed import (
     ActiveBlockGradientSync,
     local_tensor,
@@ -47,7 +48,9 @@ NO_GRAD_MESSAGE = (
     "loss.backward() was not called before step(); or gradient checkpointing with reentrant "
     "checkpoints whose inputs do not require grad (the embedding is frozen), so no gradient reaches "
     "the layers: pass the model itself to BlockAdamW (truncate_backward=True makes the active layer's "
-    "input require grad, see badam_kernels.checkpointing) or use use_reentrant=False."
+    "input require grad, see badam_kernels.checkpointing) or use use_reentrant=False; or a whole-model "
+    "torch.compile that reuses a graph traced while another block was active (torch 2.11): compile the "
+    "layers instead, badam_kernels.compile_layers(model)."
 )
 REPLACED_MESSAGE = (
     "this {cls} was replaced by a newer optimizer built on the same parameters (e.g. {name!r}), which "
@@ -221,6 +224,8 @@ class BlockAdamW(Optimizer):
     ) -> None:
         model, named = named_parameters_of(model_or_named_params)
         reject_ddp(model_or_named_params, [name for name, _ in named])
+        if model is not None and is_whole_model_compiled(model):
+            warnings.warn(WHOLE_MODEL_COMPILE_MESSAGE, stacklevel=2)
         self._configure_backward(
             update_in_backward, gradient_accumulation_steps, max_grad_norm, process_group,
             BackwardCut(model) if truncate_backward and model is not None else None,
