@@ -27,6 +27,14 @@ before that:
   (re)installed before every forward of the model, so checkpointing enabled after the optimizer
   was built (the Trainer does so in train()) is covered too.
 
+Under torch.compile the cut stays outside the graphs. A regionally compiled layer
+(compile.compile_layers) runs its hooks eagerly and traces its forward; when that calls the
+checkpoint wrapper (transformers >= 5.23), the pre-hook has made the cut already, and the wrapper
+leaves the graph whole. A whole-model compile traces the model's hooks too: the pre-hook is
+kept out of the graph (torch.compiler.disable: dynamo can neither create a leaf that requires
+grad inside a graph nor read a tensor's grad_fn), and the model's pre-hook notes the compile so
+that the cut warns (compile.WHOLE_MODEL_COMPILE_MESSAGE).
+
 A manual `torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=True)` in a custom model
 cannot be reached: the checkpoint takes `h` before any hook of ours runs. Such a checkpoint
 trains correctly when `h` requires grad (backward then also recomputes the frozen layers below);
@@ -141,11 +149,13 @@ class BackwardCut:
         self._remove_model_hooks()
 
     def no_gradient_cause(self) -> str | None:
-        """Why the active layer may have received no gradient in the last forward, if the cut saw
-        a cause (see REENTRANT_WITHOUT_GRAD_MESSAGE); else None."""
-        if self._watch.layer_without_grad is None:
-            return None
-        return REENTRANT_WITHOUT_GRAD_MESSAGE.format(layer=self._watch.layer_without_grad)
+        """Why the active layer may have received no gradient, if the cut saw a cause (a reentrant
+        checkpoint without grad, a whole-model torch.compile); else None."""
+        if self._watch.layer_without_grad is not None:
+            return REENTRANT_WITHOUT_GRAD_MESSAGE.format(layer=self._watch.layer_without_grad)
+        if self._watch.whole_model_compiled:
+            return WHOLE_MODEL_COMPILE_MESSAGE
+        return None
 
     def _remove_layer_cut_now(self) -> None:
         if self._remove_layer_cut is not None:
@@ -208,9 +218,9 @@ def _model_hook(watch: _ForwardWatch) -> Callable[..., None]:
 
 def _layer_pre_hook(watch: _ForwardWatch) -> Callable[..., Any]:
     """Forward pre-hook on the cut layer: feed it a detached copy of a hidden state that has
-    history below; note when it runs with grad off inside a training forward. Kept out of
-    torch.compile'd regions (a regionally compiled layer traces its hooks): dynamo cannot create
-    a leaf that requires grad inside a graph, nor read a tensor's grad_fn."""
+    history below; note when it runs with grad off inside a training forward. Kept out of dynamo's
+    graphs (a whole-model compile traces the layers' hooks): dynamo can neither create a leaf that
+    requires grad inside a graph nor read a tensor's grad_fn."""
 
     @torch.compiler.disable
     def hook(
@@ -248,7 +258,6 @@ class _CutBeforeCheckpoint:
 
     def __init__(self, checkpoint: Callable[..., Any]) -> None:
         self.checkpoint = checkpoint
-        self._cut_first = torch.compiler.disable(_cut_first)
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
@@ -257,15 +266,11 @@ class _CutBeforeCheckpoint:
             # and dynamo turns either kind of checkpoint into one that needs no input to require
             # grad. A cut here would only split the graph.
             return self.checkpoint(function, *args, **kwargs)
-        return self.checkpoint(function, *self._cut_first(args), **kwargs)
-
-
-def _cut_first(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    if args and _is_hidden_state(args[0]) and torch.is_grad_enabled():
-        hidden = args[0]
-        if not (hidden.requires_grad and hidden.grad_fn is None):  # else cut already
-            return (_detached_leaf(hidden), *args[1:])
-    return args
+        if args and _is_hidden_state(args[0]) and torch.is_grad_enabled():
+            hidden = args[0]
+            if not (hidden.requires_grad and hidden.grad_fn is None):  # else cut already
+                args = (_detached_leaf(hidden), *args[1:])
+        return self.checkpoint(function, *args, **kwargs)
 
 
 def _wrap_checkpoint_function(layer: nn.Module) -> None:

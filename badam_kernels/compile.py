@@ -27,9 +27,10 @@ from badam_kernels.partition import LAYER_PREFIX
 WHOLE_MODEL_COMPILE_MESSAGE = (
     "BlockAdamW with a whole-model torch.compile: which parameters require grad changes at every block "
     "switch and dynamo specializes on it, so it compiles the whole model again for each block and, after "
-    "torch._dynamo.config.recompile_limit (8) blocks, runs the model eagerly. Compile the layers instead: "
-    "badam_kernels.compile_layers(model) on the model itself (not torch.compile(model), not model.compile()); "
-    "a few variants of one layer graph then serve every block."
+    "torch._dynamo.config.recompile_limit (8) blocks, runs the model eagerly (torch 2.11 reuses the graph "
+    "of another block instead, whose parameters then get no gradient). Compile the layers instead: "
+    "badam_kernels.compile_layers(model) on the model itself (not torch.compile(model), not "
+    "model.compile()); a few variants of one layer graph then serve every block."
 )
 USE_CACHE_MESSAGE = (
     "compile_layers: model.config.use_cache is True, so a training forward builds a KV cache, and each "
