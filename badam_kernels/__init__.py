@@ -1,6 +1,7 @@
 """badam_kernels: fused kernels and a block-coordinate AdamW optimizer for BAdam fine-tuning."""
 
 from badam_kernels.badam_compat import BlockOptimizer, BlockOptimizerRatio
+from badam_kernels.compile import compile_layers
 from badam_kernels.ops import available_backends, fused_adamw_, grad_norm, sparse_adam_
 from badam_kernels.optim import BlockAdamW
 
@@ -9,6 +10,7 @@ __all__ = [
     "BlockOptimizer",
     "BlockOptimizerRatio",
     "available_backends",
+    "compile_layers",
     "fused_adamw_",
     "grad_norm",
     "sparse_adam_",

@@ -194,9 +194,7 @@ class ActiveBlockGradientSync:
     def watch(self, active: Sequence[torch.Tensor], schedule: Any) -> None:
         """After a block switch: hooks on the new active parameters only, buckets rebuilt, and a
         check that every rank has the same schedule."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self.unwatch()
         self._verify_same_schedule(schedule, active[0].device)
         self._buckets = []
         for p in reversed(active):  # backward meets the last-registered parameters first
@@ -215,6 +213,12 @@ class ActiveBlockGradientSync:
         self._next_launch = 0
         hook = weak_method_hook(self, "_grad_ready")
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in active]
+
+    def unwatch(self) -> None:
+        """Remove the gradient hooks (a newer optimizer took the parameters over)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _verify_same_schedule(self, schedule: Any, device: torch.device) -> None:
         values = [

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from badam_kernels import optimizer_state
 from badam_kernels.arguments import as_bool, as_float, as_int
 from badam_kernels.checkpointing import BackwardCut
+from badam_kernels.compile import WHOLE_MODEL_COMPILE_MESSAGE, is_whole_model_compiled
 from badam_kernels.distributed import (
     ActiveBlockGradientSync,
     local_tensor,
@@ -39,7 +40,7 @@ from badam_kernels.partition import (
     tied_aliases,
 )
 from badam_kernels.schedule import BlockSchedule
-from badam_kernels.weak_hooks import weak_method_hook
+from badam_kernels.weak_hooks import take_over, weak_method_hook
 
 log = logging.getLogger("badam_kernels")
 
@@ -51,7 +52,20 @@ NO_GRAD_MESSAGE = (
     "loss.backward() was not called before step(); or gradient checkpointing with reentrant "
     "checkpoints whose inputs do not require grad (the embedding is frozen), so no gradient reaches "
     "the layers: pass the model itself to BlockAdamW (truncate_backward=True makes the active layer's "
-    "input require grad, see badam_kernels.checkpointing) or use use_reentrant=False."
+    "input require grad, see badam_kernels.checkpointing) or use use_reentrant=False; or a whole-model "
+    "torch.compile that reuses a graph traced while another block was active (torch 2.11): compile the "
+    "layers instead, badam_kernels.compile_layers(model)."
+)
+REPLACED_MESSAGE = (
+    "this {cls} was replaced by a newer optimizer built on the same parameters (e.g. {name!r}), which "
+    "took over the backward cut and the hooks on them; it no longer steps or switches blocks. Step the "
+    "new optimizer, and rebuild what still holds this one (an LR scheduler, a Trainer) on the new one."
+)
+TAKE_OVER_MESSAGE = (
+    "{cls}: an older {old} on the same parameters (e.g. {name!r}) is still alive (an LR scheduler or "
+    "another reference holds it). This optimizer takes over: the old one's backward cut and hooks are "
+    "removed, and its step() now raises. Rebuild anything bound to the old optimizer (an LR scheduler) "
+    "on this one."
 )
 ACCUMULATION_OVERRUN_MESSAGE = (
     "update_in_backward: parameter {name!r} received more backward passes ({count}) than "
@@ -215,7 +229,9 @@ class BlockAdamW(Optimizer):
             parameters whose accumulation window was cut short). Same iterates as the normal
             mode (stochastic rounding draws other noise); cannot be combined with max_grad_norm
             (global-norm clipping needs every gradient before any update) or
-            torch.amp.GradScaler (it unscales after backward).
+            torch.amp.GradScaler (it unscales after backward, and shows itself only in
+            scaler.step(): so the first step keeps its gradients for step() like the normal mode,
+            and step() refuses a scaler before any weight has changed).
         gradient_accumulation_steps: with update_in_backward, the number of backward passes
             per step(); parameters are updated on the last one.
         truncate_backward: when `model_or_named_params` is a module, stop backward at the input
@@ -231,6 +247,10 @@ class BlockAdamW(Optimizer):
     active across a switch (fixed mode, a single block) keeps its state. With a GradScaler
     a skipped (inf) step writes nothing but still counts towards the schedule and Adam's step,
     because skipping is decided on the device without a host sync.
+
+    One optimizer acts on a parameter at a time: building a new BlockAdamW (or BlockOptimizer) on
+    parameters of one that is still alive (an LR scheduler holds it) takes them over, with a
+    warning: the old one's backward cut and hooks leave the model and its step() raises.
 
     Example:
         >>> model = transformers.AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
@@ -248,6 +268,10 @@ class BlockAdamW(Optimizer):
     _accumulation_steps = 1
     _backward_cut: BackwardCut | None = None
     _backward_hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
+    _no_grad_scaler_seen = False  # update_in_backward: the first step() found no GradScaler
+    # One optimizer acts on a parameter: the newest takes over (weak_hooks.take_over).
+    _in_charge = False
+    _replaced_for: str | None = None  # a parameter name, once a newer optimizer took over
     # Averages the active block's gradients over `process_group` (badam_kernels.distributed).
     gradient_sync: ActiveBlockGradientSync | None = None
 
@@ -281,6 +305,8 @@ class BlockAdamW(Optimizer):
         reject_ddp(model_or_named_params, [name for name, _ in named])
         update_in_backward = as_bool("update_in_backward", update_in_backward)
         truncate_backward = as_bool("truncate_backward", truncate_backward)
+        if model is not None and is_whole_model_compiled(model):
+            warnings.warn(WHOLE_MODEL_COMPILE_MESSAGE, stacklevel=2)
         self._configure_backward(
             update_in_backward, gradient_accumulation_steps, max_grad_norm, process_group,
             BackwardCut(model) if truncate_backward and model is not None else None,
@@ -455,6 +481,7 @@ class BlockAdamW(Optimizer):
 
     def _activate(self, block: int, first: bool = False) -> None:
         """Make `block` the trainable one; free everything held for the others."""
+        self._check_in_charge()
         active = set(self._blocks[block])
         for params in self._blocks:
             for p in params:
@@ -484,6 +511,7 @@ class BlockAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step on the active block, then release its gradients; switch blocks when due."""
+        self._check_in_charge()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -498,8 +526,7 @@ class BlockAdamW(Optimizer):
         # Checked on the block, not on always_active too: an always-active head with a gradient
         # must not hide a block that silently receives none.
         if not any(p.grad is not None for p in block):
-            shown = ", ".join(self._names[p] for p in block[:3]) + (", ..." if len(block) > 3 else "")
-            raise RuntimeError(NO_GRAD_MESSAGE.format(names=shown))
+            raise self._no_gradient_error(block)
         if self.gradient_sync is not None:
             self.gradient_sync.synchronize(getattr(self, "found_inf", None))
         with_grad = [p for p in active if p.grad is not None]
@@ -616,7 +643,7 @@ class BlockAdamW(Optimizer):
                 backend=self._backend,
             )
 
-    # ---- update in backward and the backward cut -------------------------------------------
+    # ---- update in backward, the backward cut, and who acts on the parameters ---------------
 
     def _configure_backward(
         self,
@@ -647,7 +674,12 @@ class BlockAdamW(Optimizer):
 
     def _rewire_backward(self) -> None:
         """After a switch: update hooks on the new active parameters only, and the cut moved to
-        the new lowest active layer."""
+        the new lowest active layer. The first call (construction) takes the parameters over from
+        any older optimizer still acting on them: one model, one cut and one set of hooks."""
+        if not self._in_charge:
+            for old in take_over(self, self._names):
+                old._hand_over(to=self)
+            self._in_charge = True
         for handle in self._backward_hooks:
             handle.remove()
         self._backward_hooks = ()
@@ -661,8 +693,40 @@ class BlockAdamW(Optimizer):
         if self._backward_cut is not None:
             self._backward_cut.move_to(self._names[p] for p in active)
 
+    def _hand_over(self, to: BlockAdamW) -> None:
+        """A newer optimizer took over (some of) these parameters: remove everything this one
+        put on the model, and refuse to step from now on."""
+        shared = next(name for p, name in self._names.items() if p in to._names)
+        warnings.warn(
+            TAKE_OVER_MESSAGE.format(cls=type(to).__name__, old=type(self).__name__, name=shared),
+            stacklevel=6,  # the user's constructor call
+        )
+        for handle in self._backward_hooks:
+            handle.remove()
+        self._backward_hooks = ()
+        if self._backward_cut is not None:
+            self._backward_cut.remove()
+            self._backward_cut = None
+        if self.gradient_sync is not None:
+            self.gradient_sync.unwatch()
+        self._replaced_for = shared
+
+    def _check_in_charge(self) -> None:
+        if self._replaced_for is not None:
+            raise RuntimeError(REPLACED_MESSAGE.format(cls=type(self).__name__, name=self._replaced_for))
+
+    def _no_gradient_error(self, params: list[torch.Tensor]) -> RuntimeError:
+        shown = ", ".join(self._names[p] for p in params[:3]) + (", ..." if len(params) > 3 else "")
+        message = NO_GRAD_MESSAGE.format(names=shown)
+        cause = None if self._backward_cut is None else self._backward_cut.no_gradient_cause()
+        return RuntimeError(message if cause is None else f"{message} Seen in the last forward: {cause}")
+
     def _update_from_backward(self, p: torch.Tensor) -> None:
-        """The post-accumulate-grad hook: update `p` after its last micro-batch, free its grad."""
+        """The post-accumulate-grad hook: update `p` after its last micro-batch, free its grad.
+
+        Not before the first step() has shown that no GradScaler is at work: a scaler makes itself
+        known only in scaler.step(optimizer), after backward, so the first window's gradients are
+        kept for step() (which refuses a scaler before touching any weight) like the normal mode."""
         count = self._micro_batches.get(p, 0) + 1
         self._micro_batches[p] = count
         if count > self._accumulation_steps:
@@ -671,7 +735,7 @@ class BlockAdamW(Optimizer):
                     name=self._names[p], count=count, steps=self._accumulation_steps
                 )
             )
-        if count < self._accumulation_steps:
+        if count < self._accumulation_steps or not self._no_grad_scaler_seen:
             return
         with torch.no_grad():
             self._update([p], first_call_index=self._active_index[p])
@@ -679,20 +743,26 @@ class BlockAdamW(Optimizer):
         self._updated_in_backward = True
 
     def _finish_backward_updates(self) -> None:
-        """step() in update_in_backward mode: update what a short accumulation window (fewer
-        backward passes than gradient_accumulation_steps) left pending, then reset the counts."""
+        """step() in update_in_backward mode: update what the hooks left pending (a short
+        accumulation window, or the first step), then reset the counts."""
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             raise RuntimeError(
-                "update_in_backward=True cannot be combined with torch.amp.GradScaler: the parameters "
-                "were updated during backward, from still-scaled gradients, before the scaler could "
-                "unscale them or skip an inf step; train in bf16 without a scaler, or use "
-                "update_in_backward=False"
+                "update_in_backward=True cannot be combined with torch.amp.GradScaler: it updates the "
+                "parameters during backward, from still-scaled gradients, before the scaler could "
+                "unscale them or skip an inf step. "
+                + (
+                    "The parameters were already updated in this backward (the scaler was not there "
+                    "at the first step). "
+                    if self._no_grad_scaler_seen
+                    else "No parameter was changed. "
+                )
+                + "Train in bf16 without a scaler, or use update_in_backward=False."
             )
+        self._no_grad_scaler_seen = True
         active = self._active_params()
         pending = [p for p in active if p.grad is not None]
         if not pending and not self._updated_in_backward:
-            shown = ", ".join(self._names[p] for p in active[:3]) + (", ..." if len(active) > 3 else "")
-            raise RuntimeError(NO_GRAD_MESSAGE.format(names=shown))
+            raise self._no_gradient_error(active)
         if pending:
             self._update(pending)
         for p in active:

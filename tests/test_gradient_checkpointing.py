@@ -1,11 +1,17 @@
 """Gradient checkpointing with BlockAdamW: the active block gets the gradients it gets without
-checkpointing (reentrant and non-reentrant), and backward does no work below it."""
+checkpointing (reentrant and non-reentrant), and backward does no work below it: Hugging Face
+layers under both ways transformers wraps them (the layer's forward from 5.23, its whole __call__
+in 5.17: run this file in both), checkpointing enabled after the optimizer was built, GPT-2, and a
+custom model that calls torch.utils.checkpoint itself."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 from llama_tiny import build_tiny_llama, text_batch
+from optim_models import TinyNet, net_loss
 
 from badam_kernels.optim import BlockAdamW
 
@@ -157,3 +163,146 @@ def _train(mode: str, update_in_backward: bool) -> list[torch.Tensor]:
 def test_training_under_checkpointing_matches_plain_training(mode, update_in_backward):
     for a, b in zip(_train("none", update_in_backward=False), _train(mode, update_in_backward)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_checkpointing_enabled_after_the_optimizer(mode):
+    """The Trainer enables checkpointing inside train(), after the optimizer was built: the cut
+    must reach the checkpoint function set then (transformers 5.17 checkpoints the layer's
+    whole __call__, so only a cut made before the checkpoint call works there)."""
+    reference = _reference_grads()
+    model = _model("none")
+    opt = _optimizer(model)  # noqa: F841
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    model.disable_input_require_grads()
+    calls, embedding_grads = _probe(model)
+    _loss(model).backward()
+    assert calls == [1] * ACTIVE + [2] * (LAYERS - ACTIVE)
+    assert embedding_grads == []
+    for name, p in model.named_parameters():
+        if name.startswith(f"model.layers.{ACTIVE}."):
+            torch.testing.assert_close(p.grad, reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_discarded_optimizer_leaves_the_model_as_it_was():
+    model = _model("reentrant")
+    layer = model.model.layers[ACTIVE]
+    checkpoint_function = layer._gradient_checkpointing_func
+    opt = _optimizer(model)
+    _loss(model)  # installs the cut in front of the checkpoint
+    assert layer._gradient_checkpointing_func is not checkpoint_function
+    del opt
+    gc.collect()
+    assert layer._gradient_checkpointing_func is checkpoint_function
+    assert not layer._forward_pre_hooks and not model._forward_pre_hooks and not model._forward_hooks
+    calls, embedding_grads = _probe(model)
+    _loss(model).backward()
+    assert calls == [2] * LAYERS and len(embedding_grads) == 1  # transformers' own behaviour again
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=LAYERS, n_head=2)
+    return GPT2LMHeadModel(config).train()
+
+
+def test_gpt2_under_reentrant_checkpointing_with_frozen_inputs():
+    reference_model = _tiny_gpt2()
+    tokens = text_batch(0, batch_size=2, seq_len=32)
+    reference_model(input_ids=tokens, labels=tokens).loss.backward()
+    model = _tiny_gpt2()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.disable_input_require_grads()
+    opt = BlockAdamW(model, lr=1e-3, switch_mode="fixed", start_block=ACTIVE, verbose=0)  # noqa: F841
+    calls = [0] * LAYERS
+    for i, block in enumerate(model.transformer.h):
+        block.attn.c_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert calls == [1] * ACTIVE + [2] * (LAYERS - ACTIVE)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference_model.named_parameters()):
+        if name.startswith(f"transformer.h.{ACTIVE}."):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+        else:
+            assert p.grad is None, name
+
+
+# ---- a custom model that calls torch.utils.checkpoint itself ---------------------------------------
+
+
+class ManuallyCheckpointedNet(TinyNet):
+    """TinyNet whose forward checkpoints every layer with torch.utils.checkpoint."""
+
+    def __init__(self, use_reentrant: bool, input_requires_grad: bool = False) -> None:
+        super().__init__(num_layers=LAYERS)
+        self.use_reentrant = use_reentrant
+        self.input_requires_grad = input_requires_grad
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(tokens)
+        if self.input_requires_grad:
+            h.requires_grad_()
+        for layer in self.layers:
+            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=self.use_reentrant)
+        return self.lm_head(self.norm(h))
+
+
+def _manual_run(use_reentrant: bool, input_requires_grad: bool = False, **options):
+    """(layer calls, gradients of the active block) of one backward under BlockAdamW."""
+    torch.manual_seed(0)
+    model = ManuallyCheckpointedNet(use_reentrant, input_requires_grad).train()
+    opt = BlockAdamW(model, lr=1e-3, switch_mode="fixed", start_block=ACTIVE, verbose=0, **options)
+    calls = [0] * LAYERS
+    for i, layer in enumerate(model.layers):
+        layer.fc.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    net_loss(model, 0).backward()
+    return calls, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, opt
+
+
+def _manual_reference() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TinyNet(num_layers=LAYERS)
+    net_loss(model, 0).backward()
+    return {name: p.grad for name, p in model.named_parameters() if name.startswith(f"layers.{ACTIVE}.")}
+
+
+def test_manual_non_reentrant_checkpoint_trains_the_block_and_stops_there():
+    calls, grads, _ = _manual_run(use_reentrant=False)
+    assert calls == [1] * ACTIVE + [2] * (LAYERS - ACTIVE)
+    reference = _manual_reference()
+    assert grads.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_manual_reentrant_checkpoint_with_input_that_requires_grad_is_correct_but_recomputes_all():
+    """What the cut cannot reach: the model's own checkpoint call takes h before any hook runs,
+    so backward recomputes the frozen layers below (documented), but the gradients are right."""
+    calls, grads, _ = _manual_run(use_reentrant=True, input_requires_grad=True)
+    assert calls == [2] * LAYERS
+    reference = _manual_reference()
+    assert grads.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_manual_reentrant_checkpoint_with_frozen_input_fails_in_forward_with_the_fix():
+    torch.manual_seed(0)
+    model = ManuallyCheckpointedNet(use_reentrant=True).train()
+    opt = BlockAdamW(model, lr=1e-3, switch_mode="fixed", start_block=ACTIVE, verbose=0)  # noqa: F841
+    expected = r"active layer 'layers.2' ran with gradients disabled.*use_reentrant=False"
+    with pytest.raises(RuntimeError, match=expected):
+        net_loss(model, 0)
+    with torch.no_grad():  # an evaluation forward in training mode is not a training forward
+        net_loss(model, 0)
+
+
+def test_manual_reentrant_checkpoint_with_frozen_input_and_a_trained_head_fails_in_step():
+    """With an always-active head the loss has a graph, so forward cannot tell; step() finds the
+    block without gradient and says why."""
+    calls, grads, opt = _manual_run(use_reentrant=True, always_active=["lm_head."])
+    assert set(grads) == {"lm_head.weight"}
+    expected = r"no gradient.*Seen in the last forward.*'layers.2' ran with grad"
+    with pytest.raises(RuntimeError, match=expected):
+        opt.step()

@@ -80,7 +80,8 @@ def test_second_optimizer_on_the_same_model_sees_every_block():
     model = make_net()
     first = BlockAdamW(model, **OPTIONS)
     assert not model.layers[2].fc.weight.requires_grad and not model.lm_head.weight.requires_grad
-    second = BlockAdamW(model, include_lm_head=True, **OPTIONS)
+    with pytest.warns(UserWarning, match="takes over"):  # `first` is still alive
+        second = BlockAdamW(model, include_lm_head=True, **OPTIONS)
     assert second.num_blocks == 4 and _block_names(second)[:3] == _block_names(first)
 
 

@@ -52,7 +52,9 @@ def test_accumulation_updates_on_the_last_micro_batch():
             before = _weights(in_backward)
             net_loss(in_backward, micro * step + i, scale=1 / micro).backward()
             changed = any(not torch.equal(a, b) for a, b in zip(before, in_backward.parameters()))
-            assert changed == (i == micro - 1)  # untouched until the window's last backward
+            # Untouched until the window's last backward; the first window is applied by step(),
+            # once it has shown that no GradScaler is at work.
+            assert changed == (i == micro - 1 and step > 0)
         opt_normal.step()
         opt_backward.step()
     _assert_same_weights(normal, in_backward)
@@ -71,38 +73,45 @@ def test_a_short_accumulation_window_is_updated_by_step():
     _assert_same_weights(normal, in_backward)
 
 
-def _peak_gradient_bytes(model, opt, steps: int) -> int:
-    """Largest total of `.grad` bytes alive at any gradient accumulation during `steps` steps.
+def _peak_gradient_bytes(model, opt, steps: int) -> list[int]:
+    """For each of `steps` steps, the largest total of `.grad` bytes alive at any gradient
+    accumulation.
 
     The probe hooks are registered before the optimizer's, so each sees the just-accumulated
     gradient before an update-in-backward hook frees it."""
-    peak = 0
+    peaks = []
 
     def probe(_):
-        nonlocal peak
         alive = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-        peak = max(peak, alive)
+        peaks[-1] = max(peaks[-1], alive)
 
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(probe)
     optimizer = opt(model)
-    train(model, optimizer, steps=steps)
-    return peak
+    for step in range(steps):
+        peaks.append(0)
+        train(model, optimizer, steps=1, start=step)
+    return peaks
 
 
 def test_holds_one_gradient_tensor_at_a_time():
+    """After the first step: that one keeps the block's gradients for step(), which must see
+    whether a GradScaler is at work before any weight changes (test_refuses_grad_scaler...)."""
     model = make_net(num_layers=2, width=48)
     config = {**CONFIG, "switch_mode": "fixed", "start_block": 1}
     block = [p for name, p in model.named_parameters() if name.startswith("layers.1.")]
     block_bytes = sum(p.numel() * p.element_size() for p in block)
     largest_bytes = max(p.numel() * p.element_size() for p in block)
 
-    normal_peak = _peak_gradient_bytes(make_net(num_layers=2, width=48), lambda m: BlockAdamW(m, **config), 3)
-    backward_peak = _peak_gradient_bytes(
-        make_net(num_layers=2, width=48), lambda m: BlockAdamW(m, update_in_backward=True, **config), 3
+    normal_peaks = _peak_gradient_bytes(
+        make_net(num_layers=2, width=48), lambda m: BlockAdamW(m, **config), steps=3
     )
-    assert normal_peak == block_bytes
-    assert backward_peak == largest_bytes < block_bytes
+    backward_peaks = _peak_gradient_bytes(
+        make_net(num_layers=2, width=48), lambda m: BlockAdamW(m, update_in_backward=True, **config), steps=3
+    )
+    assert normal_peaks == [block_bytes] * 3
+    assert backward_peaks == [block_bytes, largest_bytes, largest_bytes]
+    assert largest_bytes < block_bytes
 
 
 def test_resume_is_exact():
@@ -156,12 +165,30 @@ def test_accumulation_steps_need_the_mode():
         BlockAdamW(make_net(), update_in_backward=True, gradient_accumulation_steps=0, **CONFIG)
 
 
-def test_refuses_grad_scaler():
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_refuses_grad_scaler_before_changing_any_weight(micro_batches):
+    """A GradScaler shows itself only in scaler.step(optimizer), after backward: the first step's
+    gradients wait for step(), which refuses the scaler with every weight and state untouched."""
+    model = make_net(dtype=torch.float16)
+    opt = BlockAdamW(model, update_in_backward=True, gradient_accumulation_steps=micro_batches, **CONFIG)
+    before = _weights(model)
+    scaler = torch.amp.GradScaler("cpu")
+    for micro in range(micro_batches):
+        scaler.scale(net_loss(model, micro)).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(RuntimeError, match="GradScaler.*No parameter was changed"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(opt.state) == 0
+
+
+def test_grad_scaler_arriving_later_is_refused_too():
     model = make_net(dtype=torch.float16)
     opt = BlockAdamW(model, update_in_backward=True, **CONFIG)
+    train(model, opt, steps=1)
     scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(net_loss(model, 0)).backward()
-    with pytest.raises(RuntimeError, match="GradScaler"):
+    scaler.scale(net_loss(model, 1)).backward()
+    with pytest.raises(RuntimeError, match="GradScaler.*already updated"):
         scaler.step(opt)
 
 
