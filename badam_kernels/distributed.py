@@ -283,9 +283,7 @@ class ActiveBlockGradientSync:
     def _launch(self, bucket: _Bucket) -> None:
         # A copy, not the gradients themselves: a later backward may accumulate into them while the
         # collective runs. Pre-dividing keeps fp16 sums in range (gloo has no ReduceOp.AVG).
-        grads = [
-            p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in bucket.params
-        ]
+        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in bucket.params]
         bucket.flat = torch.cat(grads).div_(self.world_size)
         bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
         bucket.stale = False
@@ -322,7 +320,6 @@ class ActiveBlockGradientSync:
         self._next_launch = 0
         self.bytes_last_step = self._bytes_this_step
         self._bytes_this_step = 0
-
 
 
 # ---- checkpoints (torch.distributed.checkpoint) ------------------------------------------------
