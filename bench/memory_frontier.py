@@ -326,7 +326,10 @@ def search(measure: Callable[[int], Point], args: argparse.Namespace) -> list[Po
     def at(seq: int) -> Point:
         if seq not in points:
             points[seq] = measure(seq)
-            print(f"  {points[seq].method} {seq}: {points[seq].status}", file=sys.stderr, flush=True)
+            point = points[seq]
+            peak = "" if point.peak_bytes is None else f", peak {point.peak_bytes / GB:.3f} GB"
+            step = "" if point.step_seconds is None else f", step {point.step_seconds:.2f} s"
+            print(f"  {point.method} {seq}: {point.status}{peak}{step}", file=sys.stderr, flush=True)
         return points[seq]
 
     fit, fail, seq = None, None, args.min_seq
