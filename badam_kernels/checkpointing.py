@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from badam_kernels.compile import WHOLE_MODEL_COMPILE_MESSAGE
+from badam_kernels.compile import WHOLE_MODEL_COMPILE_MESSAGE, refuse_compiled_checkpoint_of_call
 from badam_kernels.partition import LAYER_PREFIX
 
 REENTRANT_WITHOUT_GRAD_MESSAGE = (
@@ -200,6 +200,8 @@ def _model_pre_hook(watch: _ForwardWatch) -> Callable[..., None]:
         watch.layer_without_grad = None
         if watch.layer is not None:
             _wrap_checkpoint_function(watch.layer)  # checkpointing may have been enabled since
+            if watch.training_forward:
+                refuse_compiled_checkpoint_of_call(watch.layer_name, watch.layer)
 
     return hook
 

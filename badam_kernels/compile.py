@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from badam_kernels.partition import LAYER_PREFIX
@@ -38,6 +39,33 @@ USE_CACHE_MESSAGE = (
     "layers run eagerly). Set model.config.use_cache = False for training (the Hugging Face Trainer "
     "does), or pass use_cache=False to the model."
 )
+
+
+COMPILED_CHECKPOINT_MESSAGE = (
+    "{layer} is compiled and checkpointed non-reentrantly around its whole __call__ (transformers before "
+    "5.23 does so; transformers' default use_reentrant=False). With torch {torch} such a layer fails in "
+    "backward with torch.utils.checkpoint.CheckpointError once another block's parameters require grad "
+    "(a torch issue, reproduced without BlockAdamW with torch 2.11 and transformers 5.17; torch 2.13 and "
+    "transformers 5.23 each work). Enable checkpointing with "
+    "gradient_checkpointing_kwargs={{'use_reentrant': True}}, or upgrade torch or transformers, or do "
+    "not compile the layers."
+)
+
+
+def refuse_compiled_checkpoint_of_call(layer_name: str, layer: nn.Module) -> None:
+    """Raise before a training forward that would fail in backward: a compiled layer whose whole
+    `__call__` transformers checkpoints non-reentrantly, under torch < 2.13 (see the message)."""
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):
+        return
+    checkpoints_its_call = type(layer).__call__ is not nn.Module.__call__
+    if not (checkpoints_its_call and getattr(layer, "gradient_checkpointing", False)):
+        return
+    if getattr(layer, "_compiled_call_impl", None) is None:
+        return
+    function = layer.__dict__.get("_gradient_checkpointing_func")
+    function = getattr(function, "checkpoint", function)  # under the backward cut's wrapper
+    if getattr(function, "keywords", {}).get("use_reentrant", True) is False:
+        raise RuntimeError(COMPILED_CHECKPOINT_MESSAGE.format(layer=layer_name, torch=torch.__version__))
 
 
 def layer_names(model: nn.Module) -> list[str]:
