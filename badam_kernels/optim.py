@@ -677,8 +677,8 @@ class BlockAdamW(Optimizer):
         the new lowest active layer. The first call (construction) takes the parameters over from
         any older optimizer still acting on them: one model, one cut and one set of hooks."""
         if not self._in_charge:
-            for old in take_over(self, self._names):
-                old._hand_over(to=self)
+            for old, p in take_over(self, self._names):
+                old._hand_over(to=self, name=self._names[p])
             self._in_charge = True
         for handle in self._backward_hooks:
             handle.remove()
@@ -693,12 +693,11 @@ class BlockAdamW(Optimizer):
         if self._backward_cut is not None:
             self._backward_cut.move_to(self._names[p] for p in active)
 
-    def _hand_over(self, to: BlockAdamW) -> None:
-        """A newer optimizer took over (some of) these parameters: remove everything this one
-        put on the model, and refuse to step from now on."""
-        shared = next(name for p, name in self._names.items() if p in to._names)
+    def _hand_over(self, to: Any, name: str) -> None:
+        """A newer optimizer took over (some of) these parameters (e.g. `name`): remove
+        everything this one put on the model, and refuse to step from now on."""
         warnings.warn(
-            TAKE_OVER_MESSAGE.format(cls=type(to).__name__, old=type(self).__name__, name=shared),
+            TAKE_OVER_MESSAGE.format(cls=type(to).__name__, old=type(self).__name__, name=name),
             stacklevel=6,  # the user's constructor call
         )
         for handle in self._backward_hooks:
@@ -709,7 +708,7 @@ class BlockAdamW(Optimizer):
             self._backward_cut = None
         if self.gradient_sync is not None:
             self.gradient_sync.unwatch()
-        self._replaced_for = shared
+        self._replaced_for = name
 
     def _check_in_charge(self) -> None:
         if self._replaced_for is not None:

@@ -32,20 +32,21 @@ def weak_method_hook(owner: Any, method_name: str) -> Callable[[torch.Tensor], N
 _OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def take_over(owner: Any, params: Iterable[torch.Tensor]) -> list[Any]:
+def take_over(owner: Any, params: Iterable[torch.Tensor]) -> list[tuple[Any, torch.Tensor]]:
     """Record `owner` as the one optimizer acting on `params`, and return the other live
-    optimizers that acted on any of them (each once): they must remove their hooks.
+    optimizers that acted on any of them (each once, with one parameter they shared): they must
+    remove their hooks (`old._hand_over(to=owner, name=...)`).
 
     Two optimizers with hooks on the same parameters would both act on them: a backward cut left
-    by the old one withholds gradients from the new one's block, and its update-in-backward or
-    gradient-sync hooks consume or send gradients that are not its own."""
+    by the old one withholds gradients from the new one's block, and its update-in-backward,
+    gradient-taking or gradient-sync hooks consume or send gradients that are not its own."""
     for key in [key for key, (p, o) in _OWNERS.items() if p() is None or o() is None]:
         del _OWNERS[key]
-    displaced: dict[int, Any] = {}
+    displaced: dict[int, tuple[Any, torch.Tensor]] = {}
     for p in params:
         entry = _OWNERS.get(id(p))
         previous = entry[1]() if entry is not None and entry[0]() is p else None
         if previous is not None and previous is not owner:
-            displaced[id(previous)] = previous
+            displaced.setdefault(id(previous), (previous, p))
         _OWNERS[id(p)] = (weakref.ref(p), weakref.ref(owner))
     return list(displaced.values())

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from llama_tiny import text_batch
 from optim_models import make_net, train
 
-from badam_kernels import BlockAdamW, BlockOptimizer
+from badam_kernels import BlockAdamW, BlockOptimizer, BlockOptimizerRatio
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -157,3 +157,41 @@ def test_old_gradient_sync_hooks_leave_the_parameters(tmp_path):
         assert old.gradient_sync.bytes_total == 0
     finally:
         dist.destroy_process_group()
+
+
+def _ratio(model):
+    named = list(model.named_parameters())
+    return BlockOptimizerRatio(
+        [p for _, p in named], named, update_ratio=0.5, lr=1e-2, verbose=0, include_embedding=True,
+        include_lm_head=True,
+    )  # fmt: skip
+
+
+def test_ratio_and_block_optimizers_take_each_other_over():
+    """BlockOptimizerRatio hooks every parameter to take its gradient: a live one would consume
+    (and free) the gradients a BlockAdamW built after it needs, and a BlockAdamW's cut would
+    withhold gradients from a ratio optimizer built after it. Either way round the newer one takes
+    over; the reference is a fresh optimizer of the same kind on the same model."""
+    model = make_net()
+    old_ratio = _ratio(model)
+    with pytest.warns(UserWarning, match=TAKE_OVER):
+        new = BlockAdamW(model, **CONFIG)
+    train(model, new, steps=2)  # gets its gradients: the ratio hooks are gone
+    with pytest.raises(RuntimeError, match=REPLACED):
+        old_ratio.step()
+
+    model = make_net()
+    old_block = BlockAdamW(model, start_block=2, **CONFIG)
+    # The old optimizer froze its inactive blocks; the ratio optimizer, like badam's, trains what
+    # requires grad when it is built.
+    model.requires_grad_(True)
+    with pytest.warns(UserWarning, match=TAKE_OVER):
+        new_ratio = _ratio(model)
+    with pytest.raises(RuntimeError, match=REPLACED):
+        old_block.step()
+    reference_model = make_net()
+    reference = _ratio(reference_model)
+    for net, opt in ((model, new_ratio), (reference_model, reference)):
+        train(net, opt, steps=2)
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
