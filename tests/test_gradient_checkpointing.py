@@ -1,5 +1,10 @@
 """Gradient checkpointing with BlockAdamW: the active block gets the gradients it gets without
-checkpointing (reentrant and non-reentrant), and backward does no work below it."""
+checkpointing (reentrant and non-reentrant), and backward does no work below it.
+
+Gradients and iterates are compared bit for bit: checkpointing recomputes the same ops on the same
+inputs, and the active block's gradients come from the same ops with or without the cut, so both
+sides round alike on any CPU (torch's CPU kernels give the same bits for the same shapes, inputs
+and thread count); a tolerance would hide a recomputation that differs."""
 
 from __future__ import annotations
 
