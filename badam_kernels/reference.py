@@ -1,7 +1,8 @@
 """Pure-torch AdamW math: the oracle for every kernel, and the "torch" backend.
 
-Everything here mirrors csrc/adam_math.h operation for operation. `adamw_reference` computes in
-a chosen dtype (fp32 for the backend, fp64 for tests); the bit-level helpers (remainder
+Everything here mirrors csrc/adam_math.h operation for operation. `fused_adamw_reference`
+computes in a chosen dtype (fp32 for the backend, fp64 for tests); in fp32 it gives the kernels'
+bits exactly (NaN included), on any machine. The bit-level helpers (bf16 rounding, remainder
 encoding, stochastic rounding, the hash) use integer tensor ops so they give the exact bits the
 kernels must give.
 """
@@ -48,12 +49,24 @@ class AdamScalars:
         return AdamScalars(*(f(getattr(self, k)) for k in self.__dataclass_fields__))
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """IEEE (correctly rounded) square root, as sqrtf in adam_math.h. torch's own fp32 sqrt on x86
+    CPUs is not: it is one ulp off for about 17% of inputs (measured with torch 2.13 on AMD EPYC,
+    also with ATEN_CPU_CAPABILITY=default). The fp64 root of an fp32 number rounded to fp32 is the
+    correctly rounded fp32 root (53 >= 2 * 24 + 2 bits)."""
+    if x.dtype == torch.float32:
+        return x.double().sqrt().to(torch.float32)
+    return x.sqrt()
+
+
 def adamw_math(g, w, m, v, s: AdamScalars):
     """One AdamW update on whole tensors (any float dtype); returns new (w, m, v)."""
     w = w * s.decay
     m = s.beta1 * m + s.one_minus_beta1 * g
     v = s.beta2 * v + s.one_minus_beta2 * g * g
-    denom = v.sqrt() / s.bc2_sqrt + s.eps
+    # Divided by a 0-dim tensor on the device, not a Python number: torch's CUDA division by a
+    # CPU scalar multiplies by its reciprocal, which is not the IEEE quotient.
+    denom = sqrt_rn(v) / v.new_full((), s.bc2_sqrt) + s.eps
     w = w - (s.step_size * m) / denom
     return w, m, v
 
@@ -82,16 +95,33 @@ def bits_to_bf16(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(torch.bfloat16)
 
 
+def _is_nan_bits(u: torch.Tensor) -> torch.Tensor:
+    return (u & 0x7FFFFFFF) > 0x7F800000
+
+
+def _quiet_nan_bf16_bits(u: torch.Tensor) -> torch.Tensor:
+    """The bf16 a NaN becomes: its sign and high payload bits with the quiet bit set, so no
+    rounding carry can turn it into an infinity or (through the sign bit) into a zero."""
+    return (u >> 16) | 0x0040
+
+
+def round_bf16_rne(w: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 to nearest even (float_to_bf16_bits_rne). torch's cast gives the same bits
+    except for NaN, which it makes 0x7FC0 or 0xFFFF depending on the CPU code path."""
+    return torch.where(w.isnan(), bits_to_bf16(_quiet_nan_bf16_bits(float_to_bits(w))), w.to(torch.bfloat16))
+
+
 def remainder_decode(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     """bf16 param + int16 remainder -> the exact fp32 master."""
     return bits_to_float((bf16_to_bits(param) << 16) + remainder.to(torch.int64))
 
 
 def remainder_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 master -> (nearest bf16 param, ties away from zero; int16 remainder)."""
+    """fp32 master -> (nearest bf16 param, ties away from zero; int16 remainder = low bits).
+    A NaN master gives a NaN param (see remainder_encode in adam_math.h)."""
     u = float_to_bits(w)
     lo = u & 0xFFFF
-    param = bits_to_bf16((u >> 16) + (lo >> 15))
+    param = bits_to_bf16(torch.where(_is_nan_bits(u), _quiet_nan_bf16_bits(u), (u >> 16) + (lo >> 15)))
     remainder = torch.where(lo >= 2**15, lo - 2**16, lo).to(torch.int16)
     return param, remainder
 
@@ -122,9 +152,17 @@ def sr_bits(key: int, numel: int, device) -> torch.Tensor:
 
 
 def round_bf16_stochastic(w: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16, one of the two neighbours, unbiased; NaN stays NaN."""
-    rounded = bits_to_bf16((float_to_bits(w) + random16.view(w.shape)) >> 16)
-    return torch.where(w.isnan(), w.to(torch.bfloat16), rounded)
+    """fp32 -> bf16, one of the two neighbours, unbiased; NaN stays NaN (the quiet NaN of
+    round_bf16_rne)."""
+    u = float_to_bits(w)
+    return bits_to_bf16(
+        torch.where(_is_nan_bits(u), _quiet_nan_bf16_bits(u), (u + random16.view(w.shape)) >> 16)
+    )
+
+
+def _round_to(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The param written back: bf16 by round_bf16_rne, fp16/fp32/fp64 by torch's IEEE cast."""
+    return round_bf16_rne(w.to(torch.float32)) if dtype == torch.bfloat16 else w.to(dtype)
 
 
 # ---- the whole op ----
@@ -173,14 +211,14 @@ def fused_adamw_reference(
         w, m2, v2 = adamw_math(g, w.to(compute_dtype), m.to(compute_dtype), v.to(compute_dtype), scalars)
         w32 = w.to(torch.float32)
         if master_weights == "fp32":
-            p2, master2 = w32.to(p.dtype), w32
+            p2, master2 = _round_to(w32, p.dtype), w32
         elif master_weights == "remainder":
             p2, master2 = remainder_encode(w32)
         elif p.dtype == torch.bfloat16 and stochastic_rounding:
             random16 = sr_bits(sr_key(seed, step, i), p.numel(), p.device)
             p2, master2 = round_bf16_stochastic(w32, random16), None
         else:
-            p2, master2 = w.to(p.dtype), None
+            p2, master2 = _round_to(w, p.dtype), None
         outs = [p2, m2.to(torch.float32), v2.to(torch.float32)] + ([master2] if master2 is not None else [])
         olds = [p, m, v] + ([masters[i]] if master2 is not None else [])
         if found_inf is not None:
@@ -228,14 +266,6 @@ def _round_to_fp32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """The correctly rounded fp32 square root, as sqrtf and the SIMD/CUDA/Triton kernels give it.
-    torch's CPU sqrt goes through MKL's vector math, which is within an ulp but not always
-    correctly rounded; computing in fp64 and rounding once is exact (double rounding is harmless
-    for sqrt, since 53 >= 2 * 24 + 2)."""
-    return x.double().sqrt().float()
-
-
 def sparse_adam_math(g, w, m, v, s: SparseAdamScalars):
     """One SparseAdam update on fp32 tensors (torch.optim.SparseAdam's operation order: eps
     outside the bias correction, no weight decay); returns new (w, m, v)."""
@@ -257,10 +287,10 @@ def _read_weight(selected: torch.Tensor, master: torch.Tensor | None, master_wei
 def _write_weight(w32: torch.Tensor, param_dtype: torch.dtype, master_weights: str):
     """(new param entries, new master or None) for the fp32 weight `w32`."""
     if master_weights == "fp32":
-        return w32.to(param_dtype), w32
+        return _round_to(w32, param_dtype), w32
     if master_weights == "remainder":
         return remainder_encode(w32)
-    return w32.to(param_dtype), None
+    return _round_to(w32, param_dtype), None
 
 
 def sparse_adam_reference(

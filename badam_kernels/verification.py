@@ -23,6 +23,18 @@ import torch
 from badam_kernels import ops, reference
 
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+# (param dtype, master mode, stochastic rounding): every combination fused_adamw_ accepts.
+ALL_WEIGHT_MODES = [
+    (torch.float32, "none", False),
+    (torch.bfloat16, "none", False),
+    (torch.bfloat16, "none", True),
+    (torch.bfloat16, "fp32", False),
+    (torch.bfloat16, "remainder", False),
+    (torch.float16, "none", False),
+    (torch.float16, "fp32", False),
+]
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+ALL_WEIGHT_MODE_IDS = [f"{_SHORT[p]}-{mode}{'-sr' if sr else ''}" for p, mode, sr in ALL_WEIGHT_MODES]
 FP32_UNIT_ROUNDOFF = 2.0**-24
 FP32_TOL_ULPS = 16
 

@@ -72,8 +72,10 @@ BADAM_HD float bits_float(uint32_t u) {
 // bf16 <-> fp32 on raw 16-bit patterns, so host code needs no bf16 type.
 BADAM_HD float bf16_bits_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-// Round to nearest even. NaN stays a quiet NaN (the rounding add could otherwise carry a NaN
-// with only low mantissa bits into infinity).
+// Round to nearest even. NaN stays a quiet NaN with its sign and the high bits of its payload
+// (the rounding add could otherwise carry a NaN with only low mantissa bits into infinity, or the
+// all-ones payload of 0x7fffffff into the sign bit). Infinities stay infinite. (fp16 results use
+// the IEEE conversion of the hardware or c10::Half: NaN stays NaN, its payload is unspecified.)
 BADAM_HD uint16_t float_to_bf16_bits_rne(float f) {
   const uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
@@ -83,7 +85,13 @@ BADAM_HD uint16_t float_to_bf16_bits_rne(float f) {
 // "remainder" master mode: the fp32 master is the bf16 parameter's bits in the high half and a
 // signed int16 remainder in the low half. The parameter is the nearest bf16 (a low half of
 // 0x8000 or more rounds the high half up, so ties go away from zero) and the remainder is the
-// signed difference, so decode(encode(w)) == w bit for bit.
+// signed difference, so decode(encode(w)) == w bit for bit for every non-NaN w.
+//
+// A NaN master gives a NaN parameter: rounding up would carry a NaN whose payload fills the high
+// half into the sign bit (the GPU's canonical NaN 0x7fffffff would become -0.0, a silent zero
+// weight), so the parameter is the quiet NaN of float_to_bf16_bits_rne and the remainder keeps
+// the low bits. Any bf16 NaN plus any remainder decodes to a NaN (the high half keeps an all-ones
+// exponent and a non-zero mantissa), though not necessarily with the master's payload.
 BADAM_HD float remainder_decode(uint16_t param_bits, int16_t remainder) {
   return bits_float((static_cast<uint32_t>(param_bits) << 16) +
                     static_cast<uint32_t>(static_cast<int32_t>(remainder)));
@@ -92,7 +100,8 @@ BADAM_HD float remainder_decode(uint16_t param_bits, int16_t remainder) {
 BADAM_HD void remainder_encode(float w, uint16_t& param_bits, int16_t& remainder) {
   const uint32_t u = float_bits(w);
   const uint32_t lo = u & 0xffffu;
-  param_bits = static_cast<uint16_t>((u >> 16) + (lo >> 15));
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  param_bits = static_cast<uint16_t>(nan ? (u >> 16) | 0x0040u : (u >> 16) + (lo >> 15));
   remainder = static_cast<int16_t>(static_cast<uint16_t>(lo));
 }
 

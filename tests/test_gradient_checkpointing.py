@@ -2,7 +2,12 @@
 checkpointing (reentrant and non-reentrant), and backward does no work below it: Hugging Face
 layers under both ways transformers wraps them (the layer's forward from 5.23, its whole __call__
 in 5.17: run this file in both), checkpointing enabled after the optimizer was built, GPT-2, and a
-custom model that calls torch.utils.checkpoint itself."""
+custom model that calls torch.utils.checkpoint itself.
+
+Gradients and iterates are compared bit for bit: checkpointing recomputes the same ops on the same
+inputs, and the active block's gradients come from the same ops with or without the cut, so both
+sides round alike on any CPU (torch's CPU kernels give the same bits for the same shapes, inputs
+and thread count); a tolerance would hide a recomputation that differs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Checkpoint resume: a run saved with torch.save mid-block (and right after a switch) and
 continued in a fresh process ends bit-identical to an uninterrupted run, random order included.
 
+Bit for bit on any CPU: the fresh process runs the same torch ops on the same machine, with the
+same environment and (passed on explicitly) the same number of threads, so it rounds alike.
+
 badam loses its schedule on resume; BlockAdamW's state dict carries it.
 """
 
@@ -86,11 +89,15 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path: Path):
     expected = _snapshot(model, opt)
 
     script = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_optim_resume as t\n"
+        "import json, sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(int(sys.argv[3]))\n"
+        "import test_optim_resume as t\n"
         "for job in json.loads(sys.argv[2]): t.resume_and_finish(*job)\n"
     )
     tests_dir = str(Path(__file__).parent)
-    subprocess.run([sys.executable, "-c", script, tests_dir, json.dumps(jobs)], check=True, timeout=300)
+    threads = str(torch.get_num_threads())
+    subprocess.run(
+        [sys.executable, "-c", script, tests_dir, json.dumps(jobs), threads], check=True, timeout=300
+    )
     for _, step, out in jobs:
         resumed = torch.load(out, weights_only=False)
         _assert_identical(resumed, expected, f"resumed from step {step}")

@@ -86,10 +86,13 @@ def remainder_decode(param, remainder):
 
 @triton.jit
 def remainder_encode(w):
-    """fp32 master -> (nearest bf16 param, ties away from zero; int16 remainder = low bits)."""
+    """fp32 master -> (nearest bf16 param, ties away from zero; int16 remainder = low bits).
+    A NaN master gives the quiet NaN param of fp32_to_bf16_rne: rounding up would carry the
+    payload of 0x7FFFFFFF into the sign bit and make the weight -0.0."""
     u = w.to(tl.uint32, bitcast=True)
     low = u & 0xFFFF
-    param = ((u >> 16) + (low >> 15)).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    param_bits = tl.where(_is_nan_bits(u), _quiet_nan_bf16_bits(u), (u >> 16) + (low >> 15))
+    param = param_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     remainder = low.to(tl.uint16).to(tl.int16, bitcast=True)
     return param, remainder
 

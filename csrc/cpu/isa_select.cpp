@@ -1,8 +1,10 @@
 // Run-time choice of the CPU kernel set: the build never assumes the ISA of the machine it runs
 // on (no -march=native); the CPU is asked instead.
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdlib>
+#include <string>
 #include <string_view>
 
 #include "cpu/cpu_kernels.h"
@@ -53,5 +55,11 @@ const KernelSet& active_kernels() {
 #endif
 }
 
+// The name of the kernel set the CPU ops run now, with the same checks: lets tests (and users)
+// confirm that BADAM_KERNELS_CPU_ISA took effect rather than trusting it.
+std::string cpu_kernel_isa() { return active_kernels().name; }
+
 }  // namespace cpu
 }  // namespace badam
+
+TORCH_LIBRARY_FRAGMENT(badam_kernels, m) { m.def("cpu_kernel_isa() -> str", &badam::cpu::cpu_kernel_isa); }

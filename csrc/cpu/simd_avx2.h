@@ -82,7 +82,8 @@ struct Simd {
   static void store_remainder(uint16_t* param, int16_t* remainder, F x) {
     const I u = _mm256_castps_si256(x);
     const I low = _mm256_and_si256(u, splat(0xffffu));
-    store_low16(param, _mm256_add_epi32(_mm256_srli_epi32(u, 16), _mm256_srli_epi32(low, 15)));
+    const I rounded = _mm256_add_epi32(_mm256_srli_epi32(u, 16), _mm256_srli_epi32(low, 15));
+    store_low16(param, keep_nan_quiet(x, rounded));  // a NaN must not carry into the sign bit
     store_low16(remainder, low);
   }
 

@@ -79,7 +79,8 @@ struct Simd {
   static void store_remainder(uint16_t* param, int16_t* remainder, F x) {
     const I u = _mm512_castps_si512(x);
     const I low = _mm512_and_si512(u, splat(0xffffu));
-    store_low16(param, _mm512_add_epi32(_mm512_srli_epi32(u, 16), _mm512_srli_epi32(low, 15)));
+    const I rounded = _mm512_add_epi32(_mm512_srli_epi32(u, 16), _mm512_srli_epi32(low, 15));
+    store_low16(param, keep_nan_quiet(x, rounded));  // a NaN must not carry into the sign bit
     store_low16(remainder, low);
   }
 
