@@ -1,4 +1,4 @@
-"""NaN and Inf safety of fused_adamw_ in every master mode, on every backend and CPU kernel set.
+"""NaN and Inf safety of fused_adamw_ (and sparse_adam_) in every master mode, on every backend and CPU kernel set.
 
 A NaN gradient makes the weight NaN, and it must stay NaN: in the param the model reads, in the
 fp32 master and in the remainder encoding (a GPU's arithmetic turns every NaN into 0x7fffffff,
@@ -18,7 +18,7 @@ import pytest
 import torch
 from backend_targets import CPU_ISAS, force_cpu_isa, skip_unless_available
 
-from badam_kernels import fused_adamw_, reference
+from badam_kernels import fused_adamw_, reference, sparse_adam_
 from badam_kernels.verification import ALL_WEIGHT_MODE_IDS, ALL_WEIGHT_MODES, bits
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -200,3 +200,53 @@ def test_reference_encoders_keep_nan(value_bits):
     assert int(bits(reference.round_bf16_rne(value))[0]) & 0xFFFF == quiet
     random16 = torch.tensor([0, 1, 0x8000, 0xFFFF], dtype=torch.int64)
     assert (bits(reference.round_bf16_stochastic(value, random16)) & 0xFFFF == quiet).all()
+
+
+SPARSE_MODES = [(BF16, "none"), (BF16, "fp32"), (BF16, "remainder"), (FP32, "none")]
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["run", "indexed"])
+@pytest.mark.parametrize(("param_dtype", "mode"), SPARSE_MODES, ids=[f"{d}-{m}" for d, m in SPARSE_MODES])
+def test_sparse_adam_nan_gradients_make_nan_weights(where, param_dtype, mode, indexed):
+    """sparse_adam_ (ratio mode) writes through the same encoders: NaN and inf gradients give NaN
+    weights exactly at the selected entries they hit, the other entries untouched, and on CPU the
+    bits of reference.py."""
+    device, backend = where
+    gen = torch.Generator().manual_seed(92)
+    params, _, _, masters = _state(param_dtype, mode, gen)
+    index = torch.randperm(NUMEL, generator=gen)[:24].sort().values.to(torch.int32)
+    selected = index.long() if indexed else torch.arange(NUMEL)
+    count = len(selected)
+    grads = torch.randn(count, generator=gen) * 1e-2
+    hit = torch.arange(0, count, 3)  # every third selected entry gets a special gradient
+    grads[hit] = f32_from_bits((SPECIAL_GRAD_BITS * 2)[: len(hit)])
+    exp_avg, exp_avg_sq = torch.zeros(count), torch.zeros(count)
+    if masters is not None:
+        masters = masters[selected].clone()
+    state = [t.to(device) for t in (params, exp_avg, exp_avg_sq)] + (
+        [] if masters is None else [masters.to(device)]
+    )
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=1, master_weights=mode)
+    want = reference.sparse_adam_reference(
+        [state[0]], [grads.to(device)], [state[1]], [state[2]], None if masters is None else [state[3]],
+        [index.to(device)] if indexed else [], grad_mul=None, **hyper,
+    )  # fmt: skip
+    sparse_adam_(
+        [state[0]], [grads.to(device)], [state[1]], [state[2]],
+        indices=[index.to(device)] if indexed else None,
+        masters=None if masters is None else [state[3]], backend=backend, **hyper,
+    )  # fmt: skip
+    nan_at = torch.zeros(NUMEL, dtype=torch.bool)
+    nan_at[selected[hit]] = True
+    param = state[0].cpu()
+    assert torch.equal(param.isnan(), nan_at), f"NaN at {param.isnan().nonzero().flatten().tolist()}"
+    untouched = torch.ones(NUMEL, dtype=torch.bool)
+    untouched[selected] = False
+    assert torch.equal(bits(param[untouched]), bits(params[untouched]))
+    if device.type == "cpu":
+        for name, got, expected in zip(
+            ("param", "exp_avg", "exp_avg_sq", "master"), state, [t[0] for t in want if t]
+        ):
+            assert torch.equal(bits(got.cpu()), bits(expected.cpu())), (
+                f"{name}: bits differ from reference.py"
+            )
