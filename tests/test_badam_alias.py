@@ -134,6 +134,31 @@ def test_log_fn_replaces_printing(capsys):
     assert capsys.readouterr().out == "" and len(logged) == 1
 
 
+def test_reloading_the_state_logs_only_a_block_that_changes():
+    """accelerate's prepare() reloads the optimizer's own state dict: no second "training block"
+    line. A state dict from another block (a resumed run) makes that block train, and says so."""
+    model = build_tiny_llama(dtype=torch.float32)
+    logged = []
+    opt = BlockOptimizer(
+        torch.optim.AdamW(model.parameters()),
+        list(model.named_parameters()),
+        switch_block_every=1,
+        switch_mode="ascending",
+        log_fn=logged.append,
+    )
+    assert logged == ["BAdam: training block 0 of 4"]
+    at_block_0 = opt.state_dict()
+    opt.load_state_dict(opt.state_dict())
+    assert logged == ["BAdam: training block 0 of 4"]
+    tokens = text_batch(0, batch_size=1, seq_len=16)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    opt.step()  # badam's first block trains switch_block_every - 1 steps: a switch here
+    assert logged[1:] == ["BAdam: training block 1 of 4"]
+    opt.load_state_dict(at_block_0)
+    assert logged[2:] == ["BAdam: training block 0 of 4"]
+    assert opt.active_parameter_names()[0].startswith("model.layers.0.")
+
+
 # ---- BAdamCallback -------------------------------------------------------------------------
 
 LAYERS, ACTIVE = 4, 1
