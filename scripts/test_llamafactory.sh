@@ -30,7 +30,8 @@ git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | t
 BADAM_KERNELS_NO_CUDA=${BADAM_KERNELS_NO_CUDA:-1} MAX_JOBS=${MAX_JOBS:-2} \
   "${pip[@]}" --no-build-isolation "$src[llamafactory]"
 "$venv/bin/python" -m pip check
-"$venv/bin/python" -c "
+# -P: the installed copy, not this tree's badam_kernels (the current directory is not put on sys.path).
+"$venv/bin/python" -P -c "
 import badam_kernels, torch
 print(f'badam_kernels in {badam_kernels.__path__[0]}, torch {torch.__version__}: backends', badam_kernels.available_backends('cuda'), badam_kernels.available_backends('cpu'))"
 
