@@ -1,12 +1,13 @@
 """The module that `import badam` gives under `python -m badam_kernels.llamafactory`: every name
 LLaMA-Factory 0.9.5 imports from badam 1.4, served by badam_kernels.
 
-- `BlockOptimizer`: badam_kernels.BlockOptimizer (badam's signature and iterates, fused kernels).
-- `BlockOptimizerRatio`: badam_kernels.BlockOptimizerRatio, looked up when first asked for; a
-  badam_kernels without it makes `badam_mode: ratio` fail with a message that says so.
+- `BlockOptimizer`: badam_kernels.BlockOptimizer (`badam_mode: layer`; badam's signature and
+  iterates, fused kernels).
+- `BlockOptimizerRatio`: badam_kernels.BlockOptimizerRatio (`badam_mode: ratio`; badam's masks and
+  iterates, one fused sparse update per step).
 - `BAdamCallback`: the Trainer callback LLaMA-Factory adds whenever `use_badam` is set.
 - `clip_grad_norm_old_version`: the Accelerator.clip_grad_norm_ replacement LLaMA-Factory binds
-  whenever `use_badam` is set.
+  whenever `use_badam` is set; in ratio mode it clips what BlockOptimizerRatio holds.
 
 Importing this module needs transformers and accelerate (LLaMA-Factory's own dependencies).
 """
@@ -19,30 +20,18 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-import badam_kernels
-from badam_kernels.badam_compat import BlockOptimizer
+from badam_kernels.badam_compat import BlockOptimizer, BlockOptimizerRatio
 from badam_kernels.checkpointing import BackwardCut
 from badam_kernels.hf import unwrap_optimizer
-from badam_kernels.optim import CLIP_EPS, BlockAdamW
+from badam_kernels.optim import BlockAdamW
 
-__all__ = ["BAdamCallback", "BlockOptimizer", "clip_grad_norm_old_version"]  # and BlockOptimizerRatio, below
+__all__ = ["BAdamCallback", "BlockOptimizer", "BlockOptimizerRatio", "clip_grad_norm_old_version"]
 
-RATIO_MISSING = (
-    "badam_mode: ratio needs badam_kernels.BlockOptimizerRatio, which badam_kernels {version} does "
-    "not have. Use badam_mode: layer, or run LLaMA-Factory's own `llamafactory-cli` with the real "
-    "badam (pip install badam) for ratio mode."
+RATIO_FP16 = (
+    "badam_mode: ratio with fp16 is not supported by badam_kernels' BlockOptimizerRatio (fp16's "
+    "GradScaler unscales gradients after backward, when the optimizer has already taken them): "
+    "train in bf16 (bf16: true) or use badam_mode: layer"
 )
-
-
-def __getattr__(name: str) -> Any:
-    """`BlockOptimizerRatio` is resolved when asked for, so that this module imports whether or
-    not badam_kernels provides it, and layer mode never depends on it."""
-    if name == "BlockOptimizerRatio":
-        try:
-            return badam_kernels.BlockOptimizerRatio
-        except AttributeError:
-            raise NotImplementedError(RATIO_MISSING.format(version=badam_kernels.__version__)) from None
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BAdamCallback(TrainerCallback):
@@ -56,7 +45,10 @@ class BAdamCallback(TrainerCallback):
     when built). Both checkpointing cases are what the optimizer's backward cut handles
     (badam_kernels.checkpointing): this callback gives a BlockAdamW/BlockOptimizer built from
     named parameters a `BackwardCut` on the Trainer's model. The cut changes no gradient of the
-    active block. Other optimizers are left alone. LLaMA-Factory passes the class itself
+    active block. In ratio mode every layer trains and nothing is cut, but fp16 training (whose
+    GradScaler unscales the parameters' gradients after backward, when BlockOptimizerRatio has
+    already taken them) is refused with a message instead of GradScaler's assertion at the first
+    step. Other optimizers are left alone. LLaMA-Factory passes the class itself
     (`trainer.add_callback(BAdamCallback)`), so it takes no arguments.
     """
 
@@ -70,6 +62,8 @@ class BAdamCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         optimizer = unwrap_optimizer(optimizer)
+        if isinstance(optimizer, BlockOptimizerRatio) and getattr(args, "fp16", False):
+            raise ValueError(RATIO_FP16)
         if isinstance(optimizer, BlockAdamW) and model is not None and optimizer._backward_cut is None:
             optimizer._backward_cut = BackwardCut(model)
             optimizer._rewire_backward()
@@ -78,32 +72,47 @@ class BAdamCallback(TrainerCallback):
 def clip_grad_norm_old_version(
     self: Any, parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2
 ) -> torch.Tensor | None:
-    """badam.clip_grad_norm_old_version: `Accelerator.clip_grad_norm_` that also takes sparse
-    gradients. LLaMA-Factory binds it as a method of the Trainer's accelerator whenever `use_badam`
-    is set (`MethodType(clip_grad_norm_old_version, accelerator)`).
+    """badam.clip_grad_norm_old_version: the `Accelerator.clip_grad_norm_` that LLaMA-Factory binds to
+    the Trainer's accelerator whenever `use_badam` is set (`MethodType(clip_grad_norm_old_version,
+    accelerator)`); the Trainer calls it with `model.parameters()` and logs what it returns as
+    `grad_norm`.
 
-    badam's ratio mode leaves sparse gradients, which torch's clip_grad_norm_ (torch._foreach_norm)
-    rejects. Without a sparse gradient (layer mode) this is accelerate's own method, unchanged.
-    With one, the gradients are unscaled (fp16 GradScaler) and clipped with torch 1.13's formula,
-    as badam does: total = norm of the per-tensor norms, each gradient times
-    min(1, max_norm / (total + 1e-6)). Returns the total norm before clipping (a 0-dim tensor).
-    (badam 1.4 scales `g.detach()`, which for a sparse tensor is a copy: its sparse gradients are
-    never actually clipped. Here they are.)
+    - Ratio mode: BlockOptimizerRatio takes each gradient's selected entries during backward and
+      frees the dense gradient, so a clip over the parameters would find no gradient and silently
+      clip nothing. Instead the BlockOptimizerRatio that this accelerator prepared and that trains
+      `parameters` clips what it holds (`BlockOptimizerRatio.clip_grad_norm_`: the L2 norm of the
+      selected entries, the factor applied inside its next step, no host sync) and its total norm
+      before clipping (0-dim fp32 tensor) is returned. (badam 1.4's own version scales a detached
+      copy of its sparse gradients, so in ratio mode it clips nothing; here the clip is real.)
+    - Otherwise (layer mode): accelerate's own method, unchanged.
     """
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not any(g.is_sparse for g in grads):
+    optimizer = _ratio_optimizer_of(self, parameters)
+    if optimizer is None:
         return type(self).clip_grad_norm_(self, parameters, max_norm, norm_type)
-    self.unscale_gradients()
-    norm_type = float(norm_type)
-    device = grads[0].device
-    norms = [
-        torch.linalg.vector_norm(g.detach().coalesce().values() if g.is_sparse else g.detach(), norm_type)
-        for g in grads
+    stray = sum(p.grad is not None for p in parameters)
+    if stray:
+        raise RuntimeError(
+            f"{stray} of the parameters to clip have dense gradients that BlockOptimizerRatio does not "
+            "hold (they are not in its param groups); it cannot clip them together with its own"
+        )
+    return optimizer.clip_grad_norm_(max_norm, norm_type)
+
+
+def _ratio_optimizer_of(accelerator: Any, parameters: list[torch.Tensor]) -> BlockOptimizerRatio | None:
+    """The BlockOptimizerRatio among the optimizers `accelerator.prepare` wrapped (accelerate keeps
+    them in `_optimizers`) that trains any of `parameters`, or None."""
+    wanted = {id(p) for p in parameters}
+    owners = [
+        optimizer
+        for optimizer in map(unwrap_optimizer, getattr(accelerator, "_optimizers", ()))
+        if isinstance(optimizer, BlockOptimizerRatio)
+        and optimizer._replaced_for is None  # not taken over by a newer optimizer
+        and any(id(p) in wanted for group in optimizer.param_groups for p in group["params"])
     ]
-    total_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
-    clip_coef = torch.clamp(float(max_norm) / (total_norm + CLIP_EPS), max=1.0)
-    with torch.no_grad():
-        for g in grads:
-            g.mul_(clip_coef.to(g.device))
-    return total_norm
+    if len(owners) > 1:
+        raise RuntimeError(
+            f"{len(owners)} BlockOptimizerRatio instances train these parameters; one global clip over "
+            "them is not supported"
+        )
+    return owners[0] if owners else None

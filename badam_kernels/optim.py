@@ -479,8 +479,9 @@ class BlockAdamW(Optimizer):
     def _active_params(self) -> list[torch.Tensor]:
         return self._blocks[self._schedule.current] + self._always_active
 
-    def _activate(self, block: int, first: bool = False) -> None:
-        """Make `block` the trainable one; free everything held for the others."""
+    def _activate(self, block: int, first: bool = False, announce: bool = True) -> None:
+        """Make `block` the trainable one; free everything held for the others. `announce`: log
+        the block (at verbose >= 1)."""
         self._check_in_charge()
         active = set(self._blocks[block])
         for params in self._blocks:
@@ -495,9 +496,9 @@ class BlockAdamW(Optimizer):
             _unfreeze(p)
             if self._reset_always_active and not first:
                 self._release(p)
-        if self.verbose >= 1:
+        if announce and self.verbose >= 1:
             self._log_fn(f"BAdam: training block {block} of {len(self._blocks)}")
-        if self.verbose >= 2:
+        if announce and self.verbose >= 2:
             self._log_fn("BAdam: trainable parameters: " + ", ".join(self.active_parameter_names()))
         if self.gradient_sync is not None:
             self.gradient_sync.watch(self._active_params(), self._schedule)
@@ -825,8 +826,11 @@ class BlockAdamW(Optimizer):
                     "which none of its param groups lists"
                 )
             self._check_loaded_state(param_of[index], saved)
+        block = self._schedule.current
         self._schedule.load_state_dict(state_dict["block_schedule"])
-        self._activate(self._schedule.current, first=True)
+        # accelerate's prepare() reloads the optimizer's own state dict: a block that does not
+        # change is not a switch, so it is not logged again.
+        self._activate(self._schedule.current, first=True, announce=self._schedule.current != block)
         optimizer_state.restore_state(self, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

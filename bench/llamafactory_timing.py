@@ -2,7 +2,12 @@
 `badam` (badam_kernels.llamafactory), on the same run (project from examples/llamafactory_tiny.py,
 fp32 on the CPU, LLaMA-Factory's own training loop). Needs the LLaMA-Factory environment:
 
-    .venv-llamafactory/bin/python bench/llamafactory_timing.py [--layers 8 --hidden 256 --steps 40]
+    .venv-llamafactory/bin/python bench/llamafactory_timing.py [--mode ratio] [--layers 8 --hidden 256 ...]
+
+`--mode layer` (default): layer-wise BAdam, ascending switches every `--switch-every` steps.
+`--mode ratio`: `badam_mode: ratio` with `--update-ratio`, as tests/test_llamafactory.py compares it
+(`optim: adamw_torch`, which real badam's ratio mode needs, and `max_grad_norm: 0`, the norm logged
+but nothing clipped, since real badam's clip in ratio mode clips nothing); no switches.
 
 Each optimizer runs in a process of its own (badam can only be replaced in a fresh process), through
 LLaMA-Factory's `run_exp` with a callback that times every `optimizer.step()` (the update and, every
@@ -28,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from llamafactory_tiny import train_config, write_project  # noqa: E402
 
 OPTIMIZERS = ("badam", "badam_kernels")
+MODES = ("layer", "ratio")
 
 
 def _step_timer(out_path: Path) -> Any:
@@ -48,11 +54,11 @@ def _step_timer(out_path: Path) -> Any:
             step = inner.step
 
             def timed_step(*step_args, **step_kwargs):
-                block = inner.current_block_idx
+                block = getattr(inner, "current_block_idx", None)  # ratio mode has no blocks
                 start = time.perf_counter()
                 result = step(*step_args, **step_kwargs)
                 self.optimizer_step_s.append(time.perf_counter() - start)
-                self.switched.append(inner.current_block_idx != block)
+                self.switched.append(getattr(inner, "current_block_idx", None) != block)
                 return result
 
             inner.step = timed_step
@@ -97,7 +103,7 @@ def _summary(record: dict[str, Any]) -> dict[str, float]:
     return {
         "step_ms": 1e3 * statistics.median(s for s, _ in plain),
         "optimizer_step_ms": 1e3 * statistics.median(o for _, o in plain),
-        "switch_step_ms": 1e3 * statistics.median(o for _, o, switched in steps if switched),
+        "switch_step_ms": 1e3 * statistics.median([o for _, o, sw in steps if sw] or [float("nan")]),
         "switches": sum(switched for _, _, switched in steps),
     }
 
@@ -106,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--mode", choices=MODES, default="layer", help="badam_mode")
+    parser.add_argument("--update-ratio", type=float, default=0.1, help="badam_update_ratio (ratio mode)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
@@ -130,14 +138,22 @@ def main() -> None:
         }
         records = {}
         for optimizer in OPTIMIZERS:
+            if args.mode == "layer":  # ascending: every switch changes the block, the timer sees it
+                mode_options = dict(badam_switch_interval=args.switch_every, badam_switch_mode="ascending")
+            else:
+                mode_options = dict(
+                    badam_mode="ratio",
+                    badam_update_ratio=args.update_ratio,
+                    optim="adamw_torch",
+                    max_grad_norm=0,
+                )
             config = train_config(
                 folder,
                 folder / f"out_{optimizer}",
                 max_steps=args.steps,
-                badam_switch_interval=args.switch_every,
-                badam_switch_mode="ascending",  # every switch changes the block: the timer sees it
                 badam_verbose=0,
                 save_strategy="no",
+                **mode_options,
             )
             config_path = folder / f"{optimizer}.json"
             config_path.write_text(json.dumps(config))
@@ -159,8 +175,13 @@ def main() -> None:
 
     import torch
 
+    what = (
+        f"layer-wise BAdam switching every {args.switch_every} steps"
+        if args.mode == "layer"
+        else f"ratio BAdam, update ratio {args.update_ratio}"
+    )
     print(
-        f"LLaMA-Factory sft, full, layer-wise BAdam switching every {args.switch_every} steps; "
+        f"LLaMA-Factory sft, full, {what}; "
         f"{args.layers} layers, hidden {args.hidden}, fp32, {args.steps} steps, {args.threads} thread(s); "
         f"torch {torch.__version__}"
     )

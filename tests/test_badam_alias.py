@@ -4,6 +4,7 @@ temporary `badam` package of `python -m badam_kernels.llamafactory`; no LLaMA-Fa
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -15,10 +16,9 @@ import pytest
 import torch
 from llama_tiny import build_tiny_llama, text_batch
 
-import badam_kernels
 from badam_kernels import llamafactory
-from badam_kernels.badam_alias import BAdamCallback, clip_grad_norm_old_version
-from badam_kernels.badam_compat import BlockOptimizer
+from badam_kernels.badam_alias import RATIO_FP16, BAdamCallback, clip_grad_norm_old_version
+from badam_kernels.badam_compat import BlockOptimizer, BlockOptimizerRatio
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -36,12 +36,13 @@ import importlib.metadata, json, subprocess, sys
 import badam, badam_kernels
 from transformers.utils.versions import require_version
 require_version("badam>=1.2.1")  # what LLaMA-Factory's check_version runs
-from badam import BAdamCallback, BlockOptimizer, clip_grad_norm_old_version
+from badam import BAdamCallback, BlockOptimizer, BlockOptimizerRatio, clip_grad_norm_old_version
 grandchild = subprocess.run(
     [sys.executable, "-c", "import importlib.metadata as m; print(m.version('badam'))"],
     capture_output=True, text=True, check=True).stdout.strip()
 print(json.dumps({"version": importlib.metadata.version("badam"), "module": badam.__name__,
-                  "same_class": BlockOptimizer is badam_kernels.BlockOptimizer,
+                  "same_class": BlockOptimizer is badam_kernels.BlockOptimizer
+                  and BlockOptimizerRatio is badam_kernels.BlockOptimizerRatio,
                   "grandchild_version": grandchild}))
 """
 
@@ -88,16 +89,6 @@ def test_main_without_llamafactory_says_how_to_install(monkeypatch, capsys):
     assert "LLaMA-Factory is not installed" in err and "pip install llamafactory==0.9.5" in err
 
 
-def test_ratio_mode_without_block_optimizer_ratio_fails_clearly(monkeypatch):
-    monkeypatch.delattr(badam_kernels, "BlockOptimizerRatio", raising=False)
-    with pytest.raises(
-        NotImplementedError, match="badam_mode: ratio needs badam_kernels.BlockOptimizerRatio"
-    ):
-        from badam_kernels.badam_alias import BlockOptimizerRatio  # noqa: F401
-    with pytest.raises(AttributeError):
-        badam_kernels.badam_alias.NoSuchName  # noqa: B018
-
-
 # ---- verbose: LLaMA-Factory's badam_verbose levels ------------------------------------------
 
 
@@ -132,6 +123,31 @@ def test_log_fn_replaces_printing(capsys):
         torch.optim.AdamW(model.parameters()), list(model.named_parameters()), log_fn=logged.append
     )
     assert capsys.readouterr().out == "" and len(logged) == 1
+
+
+def test_reloading_the_state_logs_only_a_block_that_changes():
+    """accelerate's prepare() reloads the optimizer's own state dict: no second "training block"
+    line. A state dict from another block (a resumed run) makes that block train, and says so."""
+    model = build_tiny_llama(dtype=torch.float32)
+    logged = []
+    opt = BlockOptimizer(
+        torch.optim.AdamW(model.parameters()),
+        list(model.named_parameters()),
+        switch_block_every=1,
+        switch_mode="ascending",
+        log_fn=logged.append,
+    )
+    assert logged == ["BAdam: training block 0 of 4"]
+    at_block_0 = opt.state_dict()
+    opt.load_state_dict(opt.state_dict())
+    assert logged == ["BAdam: training block 0 of 4"]
+    tokens = text_batch(0, batch_size=1, seq_len=16)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    opt.step()  # badam's first block trains switch_block_every - 1 steps: a switch here
+    assert logged[1:] == ["BAdam: training block 1 of 4"]
+    opt.load_state_dict(at_block_0)
+    assert logged[2:] == ["BAdam: training block 0 of 4"]
+    assert opt.active_parameter_names()[0].startswith("model.layers.0.")
 
 
 # ---- BAdamCallback -------------------------------------------------------------------------
@@ -201,24 +217,26 @@ def test_callback_leaves_other_optimizers_alone():
 # ---- clip_grad_norm_old_version ----------------------------------------------------------------
 
 
-def _parameters(sparse: bool) -> list[torch.nn.Parameter]:
+def _accelerator_as_in_llamafactory():
+    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, accelerator)  # as LLaMA-Factory
+    return accelerator
+
+
+def _parameters() -> list[torch.nn.Parameter]:
     generator = torch.Generator().manual_seed(0)
     params = []
     for shape in [(7, 5), (3,), (11, 4)]:
         p = torch.nn.Parameter(torch.zeros(shape))
-        grad = torch.randn(shape, generator=generator)
-        if sparse and len(shape) == 2:  # rows of an embedding-like tensor, as badam's ratio mode leaves
-            grad[::2] = 0
-            grad = grad.to_sparse()
-        p.grad = grad
+        p.grad = torch.randn(shape, generator=generator)
         params.append(p)
     params.append(torch.nn.Parameter(torch.ones(2)))  # no gradient: skipped
     return params
 
 
 def _reference_clip(params, max_norm: float, norm_type: float):
-    """fp64: the total norm of all gradients and the clipped gradients, dense."""
-    grads = [p.grad.to_dense().double() for p in params if p.grad is not None]
+    """fp64: the total norm of all gradients and the clipped gradients."""
+    grads = [p.grad.double() for p in params if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
     total = (
         flat.abs().max() if norm_type == float("inf") else flat.abs().pow(norm_type).sum() ** (1 / norm_type)
@@ -229,15 +247,102 @@ def _reference_clip(params, max_norm: float, norm_type: float):
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipping, and not
-@pytest.mark.parametrize("sparse", [False, True])
-def test_clip_grad_norm_old_version_bound_like_llamafactory(sparse, max_norm, norm_type):
-    accelerator = accelerate.Accelerator(cpu=True)
-    accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, accelerator)  # as LLaMA-Factory
-    params = _parameters(sparse)
+def test_clip_grad_norm_old_version_in_layer_mode_is_accelerates(max_norm, norm_type):
+    accelerator = _accelerator_as_in_llamafactory()
+    params = _parameters()
     total, clipped = _reference_clip(params, max_norm, norm_type)
     returned = accelerator.clip_grad_norm_(iter(params), max_norm, norm_type=norm_type)
     torch.testing.assert_close(returned.double(), total, rtol=1e-6, atol=0)
-    grads = [p.grad for p in params if p.grad is not None]
-    assert [g.is_sparse for g in grads] == [sparse, False, sparse]
-    for grad, expected in zip(grads, clipped):
-        torch.testing.assert_close(grad.to_dense().double(), expected, rtol=1e-6, atol=1e-7)
+    for grad, expected in zip([p.grad for p in params if p.grad is not None], clipped):
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+RATIO, LR, EPS, BETA2 = 0.1, 1e-3, 1e-8, 0.999
+
+
+def _ratio_model_and_optimizer(accelerator):
+    """A tiny fp32 Llama, a copy made before the optimizer hooks into it, and its
+    BlockOptimizerRatio as LLaMA-Factory builds it, prepared by `accelerator`."""
+    model = build_tiny_llama(dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    opt = BlockOptimizerRatio(
+        model.parameters(), list(model.named_parameters()), update_ratio=RATIO, lr=LR, eps=EPS, verbose=0
+    )
+    return model, reference, accelerator.prepare(opt)
+
+
+def _selected_reference_gradients(reference, tokens) -> dict[str, torch.Tensor]:
+    """fp64 gradients of the entries the first step updates: badam's adjacent mask at offset 0 (the
+    first int(numel * ratio) entries; the embedding and lm_head frozen), with badam's 1e-9 nudge on
+    parameters of fewer than 100 entries."""
+    reference(input_ids=tokens, labels=tokens).loss.backward()
+    selected = {}
+    for name, p in reference.named_parameters():
+        if "embed" in name or "lm_head" in name:
+            continue
+        g = p.grad.double().flatten()[: int(p.numel() * RATIO)]
+        selected[name] = g + 1e-9 if p.numel() < 100 else g
+    return selected
+
+
+@pytest.mark.parametrize("max_norm", [1e-4, 1e3])  # clipping, and not
+def test_clip_grad_norm_old_version_in_ratio_mode_clips_what_the_optimizer_holds(max_norm):
+    """The Trainer's call, `clip_grad_norm_(model.parameters(), max_grad_norm)`, sees parameters
+    whose dense gradients BlockOptimizerRatio has already taken: it must still return the norm of
+    the selected gradient entries and clip them. Checked against fp64 gradients of a copy of the
+    model: the norm, and the first SparseAdam step from the clipped gradient c * g, which moves each
+    selected entry by lr * c * g / (|c * g| + eps / sqrt(1 - beta2)) (bias corrections folded in);
+    at max_norm 1e-4 the clipped entries are near eps, so an unclipped step would be far off."""
+    accelerator = _accelerator_as_in_llamafactory()
+    model, reference, opt = _ratio_model_and_optimizer(accelerator)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokens = text_batch(0, batch_size=2, seq_len=32)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert all(p.grad is None for p in model.parameters())  # nothing for a plain clip to see
+    selected = _selected_reference_gradients(reference, tokens)
+    total = torch.cat(list(selected.values())).norm()
+
+    returned = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    torch.testing.assert_close(returned.double(), total, rtol=1e-5, atol=0)
+    coef = min(1.0, max_norm / (total.item() + 1e-6))
+    assert (coef < 1e-3) == (max_norm < 1)
+    opt.step()
+
+    eps_hat = EPS / (1 - BETA2) ** 0.5
+    for name, p in model.named_parameters():
+        moved = (p.detach() - initial[name]).double().flatten()
+        expected = torch.zeros_like(moved)
+        if name in selected:
+            g = selected[name] * coef
+            expected[: g.numel()] = -LR * g / (g.abs() + eps_hat)
+        # atol: new weights near 1 (the norms) are rounded to fp32's spacing there, 1.2e-7
+        torch.testing.assert_close(
+            moved, expected, rtol=0, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+def test_clip_grad_norm_old_version_in_ratio_mode_refuses_gradients_it_cannot_clip():
+    accelerator = _accelerator_as_in_llamafactory()
+    model, _, _ = _ratio_model_and_optimizer(accelerator)
+    tokens = text_batch(0, batch_size=1, seq_len=16)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    stray = torch.nn.Parameter(torch.zeros(3))
+    stray.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="1 of the parameters to clip have dense gradients"):
+        accelerator.clip_grad_norm_([*model.parameters(), stray], 1.0)
+    accelerator.prepare(
+        BlockOptimizerRatio(model.parameters(), list(model.named_parameters()), include_embedding=True)
+    )
+    with pytest.raises(RuntimeError, match="2 BlockOptimizerRatio instances train these parameters"):
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+
+
+def test_callback_refuses_fp16_in_ratio_mode():
+    """fp16's GradScaler finds no gradient to unscale (BlockOptimizerRatio took them during
+    backward) and would fail at the first step with an assertion; the callback says why first."""
+    accelerator = _accelerator_as_in_llamafactory()
+    model, _, opt = _ratio_model_and_optimizer(accelerator)
+    BAdamCallback().on_train_begin(SimpleNamespace(fp16=False), None, None, model=model, optimizer=opt)
+    with pytest.raises(ValueError, match="badam_mode: ratio with fp16") as error:
+        BAdamCallback().on_train_begin(SimpleNamespace(fp16=True), None, None, model=model, optimizer=opt)
+    assert str(error.value) == RATIO_FP16

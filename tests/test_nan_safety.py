@@ -1,4 +1,5 @@
-"""NaN and Inf safety of fused_adamw_ (and sparse_adam_) in every master mode, on every backend and CPU kernel set.
+"""NaN and Inf safety of fused_adamw_ (and sparse_adam_) in every master mode, on every backend
+and CPU kernel set.
 
 A NaN gradient makes the weight NaN, and it must stay NaN: in the param the model reads, in the
 fp32 master and in the remainder encoding (a GPU's arithmetic turns every NaN into 0x7fffffff,
