@@ -40,7 +40,7 @@ from badam_kernels.partition import (
     tied_aliases,
 )
 from badam_kernels.schedule import BlockSchedule
-from badam_kernels.weak_hooks import take_over, weak_method_hook
+from badam_kernels.weak_hooks import SoleOwner, weak_method_hook
 
 log = logging.getLogger("badam_kernels")
 
@@ -55,17 +55,6 @@ NO_GRAD_MESSAGE = (
     "input require grad, see badam_kernels.checkpointing) or use use_reentrant=False; or a whole-model "
     "torch.compile that reuses a graph traced while another block was active (torch 2.11): compile the "
     "layers instead, badam_kernels.compile_layers(model)."
-)
-REPLACED_MESSAGE = (
-    "this {cls} was replaced by a newer optimizer built on the same parameters (e.g. {name!r}), which "
-    "took over the backward cut and the hooks on them; it no longer steps or switches blocks. Step the "
-    "new optimizer, and rebuild what still holds this one (an LR scheduler, a Trainer) on the new one."
-)
-TAKE_OVER_MESSAGE = (
-    "{cls}: an older {old} on the same parameters (e.g. {name!r}) is still alive (an LR scheduler or "
-    "another reference holds it). This optimizer takes over: the old one's backward cut and hooks are "
-    "removed, and its step() now raises. Rebuild anything bound to the old optimizer (an LR scheduler) "
-    "on this one."
 )
 ACCUMULATION_OVERRUN_MESSAGE = (
     "update_in_backward: parameter {name!r} received more backward passes ({count}) than "
@@ -191,7 +180,7 @@ def _check_same_layout(saved: dict[str, list], here: dict[str, list]) -> None:
             refuse(describe(f"blocks[{b}] parameter", saved_block, block))
 
 
-class BlockAdamW(Optimizer):
+class BlockAdamW(SoleOwner, Optimizer):
     """Block-coordinate AdamW (BAdam) with fused kernels: one block trains at a time.
 
     Args:
@@ -269,9 +258,8 @@ class BlockAdamW(Optimizer):
     _backward_cut: BackwardCut | None = None
     _backward_hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
     _no_grad_scaler_seen = False  # update_in_backward: the first step() found no GradScaler
-    # One optimizer acts on a parameter: the newest takes over (weak_hooks.take_over).
+    # One optimizer acts on a parameter: the newest takes over (weak_hooks.SoleOwner).
     _in_charge = False
-    _replaced_for: str | None = None  # a parameter name, once a newer optimizer took over
     # Averages the active block's gradients over `process_group` (badam_kernels.distributed).
     gradient_sync: ActiveBlockGradientSync | None = None
 
@@ -678,8 +666,7 @@ class BlockAdamW(Optimizer):
         the new lowest active layer. The first call (construction) takes the parameters over from
         any older optimizer still acting on them: one model, one cut and one set of hooks."""
         if not self._in_charge:
-            for old, p in take_over(self, self._names):
-                old._hand_over(to=self, name=self._names[p])
+            self._take_over(self._names)
             self._in_charge = True
         for handle in self._backward_hooks:
             handle.remove()
@@ -694,13 +681,9 @@ class BlockAdamW(Optimizer):
         if self._backward_cut is not None:
             self._backward_cut.move_to(self._names[p] for p in active)
 
-    def _hand_over(self, to: Any, name: str) -> None:
-        """A newer optimizer took over (some of) these parameters (e.g. `name`): remove
-        everything this one put on the model, and refuse to step from now on."""
-        warnings.warn(
-            TAKE_OVER_MESSAGE.format(cls=type(to).__name__, old=type(self).__name__, name=name),
-            stacklevel=6,  # the user's constructor call
-        )
+    def _remove_hooks(self) -> None:
+        """A newer optimizer took over (some of) these parameters: remove everything this one
+        put on the model."""
         for handle in self._backward_hooks:
             handle.remove()
         self._backward_hooks = ()
@@ -709,11 +692,6 @@ class BlockAdamW(Optimizer):
             self._backward_cut = None
         if self.gradient_sync is not None:
             self.gradient_sync.unwatch()
-        self._replaced_for = name
-
-    def _check_in_charge(self) -> None:
-        if self._replaced_for is not None:
-            raise RuntimeError(REPLACED_MESSAGE.format(cls=type(self).__name__, name=self._replaced_for))
 
     def _no_gradient_error(self, params: list[torch.Tensor]) -> RuntimeError:
         shown = ", ".join(self._names[p] for p in params[:3]) + (", ..." if len(params) > 3 else "")

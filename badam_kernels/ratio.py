@@ -33,15 +33,9 @@ from torch.optim import Optimizer
 
 from badam_kernels import optimizer_state
 from badam_kernels.ops import BACKENDS, grad_norm, sparse_adam_
-from badam_kernels.optim import (
-    REPLACED_MESSAGE,
-    TAKE_OVER_MESSAGE,
-    _check_hyperparameters,
-    _check_master_options,
-    master_mode,
-)
+from badam_kernels.optim import _check_hyperparameters, _check_master_options, master_mode
 from badam_kernels.partition import named_parameters_of
-from badam_kernels.weak_hooks import take_over, weak_method_hook
+from badam_kernels.weak_hooks import SoleOwner, weak_method_hook
 
 log = logging.getLogger("badam_kernels")
 
@@ -145,7 +139,7 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-class BlockOptimizerRatio(Optimizer):
+class BlockOptimizerRatio(SoleOwner, Optimizer):
     """Drop-in replacement for `badam.BlockOptimizerRatio` (badam's ratio mode) on fused kernels:
     same signature and defaults, masks, offsets, switch steps, state resets and update math
     (torch.optim.SparseAdam's: eps outside the bias correction, no weight decay).
@@ -298,9 +292,7 @@ class BlockOptimizerRatio(Optimizer):
         self._master_modes = {dtype: master_mode(master_weights, False, dtype) for dtype in dtypes}
         self._hooks = [p.register_post_accumulate_grad_hook(weak_method_hook(self, "_take_gradient"))
                        for p in self._entries]  # fmt: skip
-        self._replaced_for: str | None = None  # a parameter name, once a newer optimizer took over
-        for old, p in take_over(self, self._entries):  # one optimizer acts on a parameter
-            old._hand_over(to=self, name=self._entries[p].name)
+        self._take_over({p: entry.name for p, entry in self._entries.items()})  # one optimizer per parameter
         self._own: dict[torch.Tensor, Selection] = {}  # each parameter's own mask this period
         self._shared: dict[tuple, Selection] = {}  # keep_mask: the mask of a (shape, ratio, device)
         self._shared_owner: dict[tuple, torch.Tensor] = {}
@@ -425,20 +417,11 @@ class BlockOptimizerRatio(Optimizer):
                 state["remainder"] = torch.zeros(count, dtype=torch.int16, device=p.device)
         return state
 
-    def _hand_over(self, to: Any, name: str) -> None:
-        """A newer optimizer took over (some of) these parameters (e.g. `name`): remove the
-        gradient hooks, and refuse to step from now on."""
-        warnings.warn(
-            TAKE_OVER_MESSAGE.format(cls=type(to).__name__, old=type(self).__name__, name=name), stacklevel=4
-        )
+    def _remove_hooks(self) -> None:
+        """A newer optimizer took over (some of) these parameters: remove the gradient hooks."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        self._replaced_for = name
-
-    def _check_in_charge(self) -> None:
-        if self._replaced_for is not None:
-            raise RuntimeError(REPLACED_MESSAGE.format(cls=type(self).__name__, name=self._replaced_for))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

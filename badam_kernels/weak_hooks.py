@@ -9,11 +9,26 @@ matter: `take_over` tells a new optimizer which older ones must remove their hoo
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+
+REPLACED_MESSAGE = (
+    "this {cls} was replaced by a newer optimizer built on the same parameters (e.g. {name!r}), which "
+    "took over the backward cut and the hooks on them; it no longer steps or switches blocks. Step the "
+    "new optimizer, and rebuild what still holds this one (an LR scheduler, a Trainer) on the new one."
+)
+TAKE_OVER_MESSAGE = (
+    "{cls}: an older {old} on the same parameters (e.g. {name!r}) is still alive (an LR scheduler or "
+    "another reference holds it). This optimizer takes over: the old one's backward cut and hooks are "
+    "removed, and its step() now raises. Rebuild anything bound to the old optimizer (an LR scheduler) "
+    "on this one."
+)
 
 
 def weak_method_hook(owner: Any, method_name: str) -> Callable[[torch.Tensor], None]:
@@ -50,3 +65,40 @@ def take_over(owner: Any, params: Iterable[torch.Tensor]) -> list[tuple[Any, tor
             displaced.setdefault(id(previous), (previous, p))
         _OWNERS[id(p)] = (weakref.ref(p), weakref.ref(owner))
     return list(displaced.values())
+
+
+class SoleOwner:
+    """What BlockAdamW and BlockOptimizerRatio share to be the one optimizer acting on their
+    parameters: `_take_over(names)` once their hooks are in place displaces older live ones (each
+    warns, calls its `_remove_hooks()` and from then on fails `_check_in_charge()`)."""
+
+    _replaced_for: str | None = None  # a parameter name, once a newer optimizer took over
+
+    def _take_over(self, names: Mapping[torch.Tensor, str]) -> None:
+        for old, p in take_over(self, names):
+            old._hand_over(to=self, name=names[p])
+
+    def _hand_over(self, to: Any, name: str) -> None:
+        warnings.warn(
+            TAKE_OVER_MESSAGE.format(cls=type(to).__name__, old=type(self).__name__, name=name),
+            stacklevel=_stacklevel_outside_package(),  # the user's constructor call
+        )
+        self._remove_hooks()
+        self._replaced_for = name
+
+    def _remove_hooks(self) -> None:
+        raise NotImplementedError
+
+    def _check_in_charge(self) -> None:
+        if self._replaced_for is not None:
+            raise RuntimeError(REPLACED_MESSAGE.format(cls=type(self).__name__, name=self._replaced_for))
+
+
+def _stacklevel_outside_package() -> int:
+    """The `stacklevel` for a warning raised by this function's caller that points at the first
+    frame outside badam_kernels (the constructors reach _hand_over through different depths)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -174,8 +174,9 @@ def test_ratio_and_block_optimizers_take_each_other_over():
     over; the reference is a fresh optimizer of the same kind on the same model."""
     model = make_net()
     old_ratio = _ratio(model)
-    with pytest.warns(UserWarning, match=TAKE_OVER):
+    with pytest.warns(UserWarning, match=TAKE_OVER) as record:
         new = BlockAdamW(model, **CONFIG)
+    assert [w.filename for w in record if TAKE_OVER in str(w.message)] == [__file__]  # the user's line
     train(model, new, steps=2)  # gets its gradients: the ratio hooks are gone
     with pytest.raises(RuntimeError, match=REPLACED):
         old_ratio.step()
@@ -185,8 +186,9 @@ def test_ratio_and_block_optimizers_take_each_other_over():
     # The old optimizer froze its inactive blocks; the ratio optimizer, like badam's, trains what
     # requires grad when it is built.
     model.requires_grad_(True)
-    with pytest.warns(UserWarning, match=TAKE_OVER):
+    with pytest.warns(UserWarning, match=TAKE_OVER) as record:
         new_ratio = _ratio(model)
+    assert [w.filename for w in record if TAKE_OVER in str(w.message)] == [__file__]
     with pytest.raises(RuntimeError, match=REPLACED):
         old_block.step()
     reference_model = make_net()
