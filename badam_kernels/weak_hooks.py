@@ -4,7 +4,8 @@ Parameters outlive optimizers: a hook holding a strong reference would keep a di
 optimizer (and its Adam state) alive and let it go on acting on the model, updating parameters
 or launching collectives. These hooks look their owner up through a weak reference and do
 nothing once it is gone. An optimizer that is still alive (an LR scheduler holds it) is another
-matter: `take_over` tells a new optimizer which older ones must remove their hooks.
+matter: `take_over` tells a new optimizer which older ones must remove their hooks, and
+`SoleOwner` is how both optimizers (BlockAdamW, BlockOptimizerRatio) take over and hand over.
 """
 
 from __future__ import annotations
