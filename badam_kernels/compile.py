@@ -52,10 +52,13 @@ COMPILED_CHECKPOINT_MESSAGE = (
 )
 
 
+_TORCH_BEFORE_2_13 = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
+
 def refuse_compiled_checkpoint_of_call(layer_name: str, layer: nn.Module) -> None:
     """Raise before a training forward that would fail in backward: a compiled layer whose whole
     `__call__` transformers checkpoints non-reentrantly, under torch < 2.13 (see the message)."""
-    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):
+    if not _TORCH_BEFORE_2_13:
         return
     checkpoints_its_call = type(layer).__call__ is not nn.Module.__call__
     if not (checkpoints_its_call and getattr(layer, "gradient_checkpointing", False)):
